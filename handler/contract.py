@@ -1,0 +1,282 @@
+"""The event contract shared by provider/ and handler/: types, payload schemas, ids, wire encoding.
+
+Everything that crosses a process boundary as a CloudEvent is defined here once. The provider
+imports this module instead of re-typing it; docs/events.md describes the same things for humans
+and the JSON Schemas under ``handler/schemas/`` are the machine-readable truth for both.
+
+Wire encoding goes through ``cloudevents.core.bindings.http``; this module only supplies the
+attributes, the data and the rules (deterministic ids, required subject, schema validation).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from functools import cache
+from importlib import resources
+from typing import Any, Final
+
+import jsonschema
+from cloudevents.core.base import BaseCloudEvent
+from cloudevents.core.bindings import http as ce_http
+from cloudevents.core.exceptions import BaseCloudEventException
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+PREFIX: Final = "io.llamastack.posttraining."
+
+# Consumed by the handler (through the broker).
+JOB_REQUESTED: Final = PREFIX + "job.requested"
+JOB_CANCEL_REQUESTED: Final = PREFIX + "job.cancel.requested"
+# Consumed directly (not via the broker): the exit-handler notice and the reconcile tick.
+RUN_FINISHED: Final = PREFIX + "run.finished"
+PING: Final = "dev.knative.sources.ping"
+
+# Emitted by the handler; every one carries the job.status.json shape.
+JOB_SCHEDULED: Final = PREFIX + "job.scheduled"
+JOB_STARTED: Final = PREFIX + "job.started"
+JOB_PROGRESS: Final = PREFIX + "job.progress"
+JOB_COMPLETED: Final = PREFIX + "job.completed"
+JOB_FAILED: Final = PREFIX + "job.failed"
+JOB_CANCELLED: Final = PREFIX + "job.cancelled"
+
+BROKER_CONSUMED_TYPES: Final = (JOB_REQUESTED, JOB_CANCEL_REQUESTED)
+CONSUMED_TYPES: Final = (*BROKER_CONSUMED_TYPES, RUN_FINISHED, PING)
+EMITTED_TYPES: Final = (
+    JOB_SCHEDULED,
+    JOB_STARTED,
+    JOB_PROGRESS,
+    JOB_COMPLETED,
+    JOB_FAILED,
+    JOB_CANCELLED,
+)
+TERMINAL_TYPES: Final = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)
+
+JSON_FORMAT: Final = JSONFormat()
+JSON_CONTENT_TYPE: Final = "application/json"
+
+
+class JobStatus(StrEnum):
+    """Job states, spelled as llama-stack's ``JobStatus`` values."""
+
+    scheduled = "scheduled"
+    in_progress = "in_progress"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.completed, JobStatus.failed, JobStatus.cancelled)
+
+
+STATUS_EVENT_TYPE: Final[dict[JobStatus, str]] = {
+    JobStatus.completed: JOB_COMPLETED,
+    JobStatus.failed: JOB_FAILED,
+    JobStatus.cancelled: JOB_CANCELLED,
+}
+
+# Which schema validates the data of which event type.
+_SCHEMA_FILE: Final[dict[str, str]] = {
+    JOB_REQUESTED: "job.requested.json",
+    JOB_CANCEL_REQUESTED: "job.cancel.requested.json",
+    RUN_FINISHED: "run.finished.json",
+    **{t: "job.status.json" for t in EMITTED_TYPES},
+}
+
+
+class ContractError(ValueError):
+    """An event or payload that breaks the contract; ``problems`` lists every violation found.
+
+    Each problem names the attribute or field path and the offending value, so a 400 body built
+    from ``str(error)`` tells the sender exactly what to fix.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class UnknownEventTypeError(ContractError):
+    """The event type is not one this endpoint consumes."""
+
+
+def event_id(job_uuid: str, event_type: str, seq: int | None = None) -> str:
+    """Deterministic event id: redeliveries and replays of the same fact share it.
+
+    ``source`` plus ``id`` is the consumer's dedupe key. Progress events carry their step in
+    ``seq`` so each step is its own fact.
+
+    >>> event_id("job-1", JOB_COMPLETED)
+    'job-1/job.completed'
+    >>> event_id("job-1", JOB_PROGRESS, 7)
+    'job-1/job.progress/7'
+    """
+    short = event_type.removeprefix(PREFIX)
+    return f"{job_uuid}/{short}" if seq is None else f"{job_uuid}/{short}/{seq}"
+
+
+@cache
+def schema(event_type: str) -> dict[str, Any]:
+    """The JSON Schema for an event type's data (loaded once from the package)."""
+    try:
+        name = _SCHEMA_FILE[event_type]
+    except KeyError:
+        raise UnknownEventTypeError([f"unknown event type {event_type!r}"]) from None
+    text = resources.files("handler").joinpath("schemas", name).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _path(error: jsonschema.ValidationError) -> str:
+    parts = [str(p) if not isinstance(p, int) else f"[{p}]" for p in error.absolute_path]
+    return ".".join(parts).replace(".[", "[") or "(data)"
+
+
+def validate_data(event_type: str, data: Any) -> dict[str, Any]:
+    """Validate an event's data against its schema plus the rules a schema cannot say.
+
+    :raises ContractError: listing every problem, each naming the field path and value.
+    :return: the data, unchanged, once it is known to be valid.
+    """
+    if not isinstance(data, dict):
+        raise ContractError([f"data must be a JSON object, got {type(data).__name__}"])
+    problems: list[str] = []
+    if event_type == JOB_REQUESTED:
+        problems.extend(_unsupported_training(data))
+    validator = jsonschema.Draft202012Validator(schema(event_type))
+    for err in sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path)):
+        if problems and _path(err).startswith("algorithm_config"):
+            continue  # already explained as "not supported"
+        problems.append(f"{_path(err)}: {err.message}")
+    if problems:
+        raise ContractError(problems)
+    return data
+
+
+def _unsupported_training(data: dict[str, Any]) -> list[str]:
+    """Requests llama-stack can express but this provider does not run: say so plainly."""
+    algo = data.get("algorithm_config")
+    if not isinstance(algo, dict):
+        return []
+    if algo.get("type") == "QAT":
+        return ["algorithm_config.type: 'QAT' is not supported; only 'LoRA' fine-tuning is"]
+    if algo.get("quantize_base"):
+        return ["algorithm_config.quantize_base: QLoRA (quantize_base=true) is not supported"]
+    return []
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """An inbound event reduced to what the handler acts on."""
+
+    type: str
+    id: str
+    source: str
+    subject: str | None
+    data: dict[str, Any]
+
+
+def parse_event(event: BaseCloudEvent, accepted: tuple[str, ...] = CONSUMED_TYPES) -> JobEvent:
+    """Check a decoded CloudEvent against the contract and return what the handler needs.
+
+    :raises UnknownEventTypeError: the type is not in ``accepted``.
+    :raises ContractError: the data is missing, not JSON or violates the type's schema.
+    """
+    event_type = event.get_type()
+    if event_type not in accepted:
+        raise UnknownEventTypeError(
+            [f"unknown event type {event_type!r}; expected one of: {', '.join(accepted)}"]
+        )
+    data = event.get_data()
+    if event_type == PING:
+        data = data if isinstance(data, dict) else {}
+    else:
+        if isinstance(data, (bytes, str)):
+            try:
+                data = json.loads(data)
+            except ValueError as exc:
+                raise ContractError([f"data is not valid JSON: {exc}"]) from None
+        validate_data(event_type, data)
+        subject = event.get_subject()
+        if subject is not None and subject != data["job_uuid"]:
+            raise ContractError(
+                [f"subject {subject!r} does not match data.job_uuid {data['job_uuid']!r}"]
+            )
+    return JobEvent(
+        type=event_type,
+        id=event.get_id(),
+        source=event.get_source(),
+        subject=event.get_subject(),
+        data=data,
+    )
+
+
+def make_event(
+    event_type: str,
+    source: str,
+    data: dict[str, Any],
+    *,
+    seq: int | None = None,
+    time: datetime | None = None,
+    extensions: dict[str, str] | None = None,
+) -> CloudEvent:
+    """Build a contract event: subject = job_uuid, deterministic id, JSON data.
+
+    The data is validated first, so nothing off-contract ever leaves this process.
+
+    >>> e = make_event(JOB_CANCEL_REQUESTED, "/provider", {"job_uuid": "j1"})
+    >>> (e.get_id(), e.get_subject())
+    ('j1/job.cancel.requested', 'j1')
+    """
+    validate_data(event_type, data)
+    attributes: dict[str, Any] = {
+        **(extensions or {}),
+        "specversion": "1.0",
+        "type": event_type,
+        "source": source,
+        "id": event_id(data["job_uuid"], event_type, seq),
+        "subject": data["job_uuid"],
+        "time": time or datetime.now(UTC),
+        "datacontenttype": JSON_CONTENT_TYPE,
+    }
+    return CloudEvent(attributes, dict(data))
+
+
+def to_http(event: BaseCloudEvent, *, structured: bool = False) -> ce_http.HTTPMessage:
+    """Encode for HTTP: binary mode by default (what Knative brokers route replies on)."""
+    if structured:
+        return ce_http.to_structured(event, JSON_FORMAT)
+    return ce_http.to_binary(event, JSON_FORMAT)
+
+
+def from_http(headers: dict[str, str], body: bytes) -> BaseCloudEvent:
+    """Decode a binary- or structured-mode HTTP message.
+
+    :raises ContractError: the message is not a valid CloudEvent (names the attribute).
+    """
+    try:
+        return ce_http.from_http(ce_http.HTTPMessage(headers=headers, body=body), JSON_FORMAT)
+    except BaseCloudEventException as exc:
+        raise ContractError([f"not a valid CloudEvent: {exc}"]) from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ContractError([f"not a valid CloudEvent: {exc}"]) from None
+
+
+def event_data(event: BaseCloudEvent) -> dict[str, Any]:
+    """An event's data as a dict, whether it was decoded as JSON or left as bytes."""
+    data = event.get_data()
+    if isinstance(data, (bytes, str)):
+        return json.loads(data)
+    return dict(data or {})
+
+
+def event_to_dict(event: BaseCloudEvent) -> dict[str, Any]:
+    """A structured-mode JSON-able view of an event, for stores, logs and tests."""
+    return json.loads(JSON_FORMAT.write(event))
+
+
+def event_from_dict(value: dict[str, Any]) -> BaseCloudEvent:
+    """The inverse of :func:`event_to_dict`."""
+    return JSON_FORMAT.read(None, json.dumps(value).encode())

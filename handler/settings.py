@@ -1,0 +1,196 @@
+"""The handler's configuration: one typed object, built from the environment once, at the edge.
+
+Nothing below ``create_app`` reads ``os.environ``; it gets a ``HandlerSettings``. Every variable
+here is documented in README.md and provided by knative/ (a test keeps those in step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Mode = Literal["local", "remote"]
+
+DEFAULT_STATE_DIR = Path.home() / ".local" / "share" / "kfp-trainer"
+
+
+class SettingsError(ValueError):
+    """A variable is set to something the handler cannot use; the message names it."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """Where the KFP server and S3 are, for remote mode. Secrets are read, never logged."""
+
+    kfp_host: str = ""  # KFP_HOST; empty: discover from the DSPA below
+    kfp_namespace: str = "kubeflow"  # KFP_NAMESPACE
+    kfp_experiment: str = "llama-stack-post-training"  # KFP_EXPERIMENT
+    dspa_name: str = ""  # KFP_DSPA_NAME: DataSciencePipelinesApplication to discover from
+    kfp_token: str = field(default="", repr=False)  # KFP_TOKEN: static bearer token
+    sa_token_path: str = ""  # KF_PIPELINES_SA_TOKEN_PATH: in-cluster projected token
+    kfp_verify_ssl: bool = True  # KFP_VERIFY_SSL
+    s3_endpoint_url: str = ""  # S3_ENDPOINT_URL (MinIO, Ceph, ODF); empty: AWS
+    s3_bucket: str = ""  # S3_BUCKET
+    s3_prefix: str = "llama-stack-post-training"  # S3_PREFIX
+    s3_secret_name: str = "kfp-trainer-s3"  # KFP_TRAINER_S3_SECRET: mounted into the task
+    notify_url: str = ""  # KFP_TRAINER_NOTIFY_URL: where the exit handler posts run.finished
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RemoteSettings:
+        return cls(
+            kfp_host=env.get("KFP_HOST", ""),
+            kfp_namespace=env.get("KFP_NAMESPACE", cls.kfp_namespace),
+            kfp_experiment=env.get("KFP_EXPERIMENT", cls.kfp_experiment),
+            dspa_name=env.get("KFP_DSPA_NAME", ""),
+            kfp_token=env.get("KFP_TOKEN", ""),
+            sa_token_path=env.get("KF_PIPELINES_SA_TOKEN_PATH", ""),
+            kfp_verify_ssl=_bool(env, "KFP_VERIFY_SSL", True),
+            s3_endpoint_url=env.get("S3_ENDPOINT_URL", ""),
+            s3_bucket=env.get("S3_BUCKET", ""),
+            s3_prefix=env.get("S3_PREFIX", cls.s3_prefix),
+            s3_secret_name=env.get("KFP_TRAINER_S3_SECRET", cls.s3_secret_name),
+            notify_url=env.get("KFP_TRAINER_NOTIFY_URL", ""),
+        )
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    """Everything the handler deployable can be told. Built by :meth:`from_env`."""
+
+    mode: Mode = "local"  # KFP_TRAINER_MODE
+    state_dir: Path = DEFAULT_STATE_DIR  # KFP_TRAINER_STATE_DIR
+    db_path: Path | None = None  # KFP_TRAINER_DB; default <state_dir>/handler.sqlite3
+    source: str = "/kfp-trainer/handler"  # KFP_TRAINER_SOURCE: ce-source of emitted events
+    sink: str = ""  # K_SINK (Knative SinkBinding) or KFP_TRAINER_SINK
+    ce_overrides: dict[str, str] = field(default_factory=dict)  # K_CE_OVERRIDES extensions
+    max_body_bytes: int = 1024 * 1024  # KFP_TRAINER_MAX_BODY_BYTES
+    local_workers: int = 1  # KFP_TRAINER_LOCAL_WORKERS: jobs trained at once (local mode)
+    model_store: str = ""  # KFP_TRAINER_MODEL_STORE: where `model` names resolve to artifacts
+    progress_interval_s: float = 2.0  # KFP_TRAINER_PROGRESS_INTERVAL_S: job.progress throttle
+    delivery_attempts: int = 8  # KFP_TRAINER_DELIVERY_ATTEMPTS per outbox pass
+    delivery_backoff_s: float = 0.5  # KFP_TRAINER_DELIVERY_BACKOFF_S, doubled per attempt
+    delivery_backoff_max_s: float = 30.0  # KFP_TRAINER_DELIVERY_BACKOFF_MAX_S
+    retry_after_s: int = 5  # KFP_TRAINER_RETRY_AFTER_S: Retry-After on 503
+    log_level: str = "INFO"  # KFP_TRAINER_LOG_LEVEL
+    remote: RemoteSettings = field(default_factory=RemoteSettings)
+
+    @property
+    def database(self) -> Path:
+        return self.db_path or self.state_dir / "handler.sqlite3"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> HandlerSettings:
+        """Read the environment (or a given mapping, for tests) once, validating as it goes."""
+        env = os.environ if env is None else env
+        mode = env.get("KFP_TRAINER_MODE", "local")
+        if mode not in ("local", "remote"):
+            raise SettingsError(f"KFP_TRAINER_MODE={mode!r}: expected 'local' or 'remote'")
+        overrides_raw = env.get("K_CE_OVERRIDES", "")
+        overrides: dict[str, str] = {}
+        if overrides_raw:
+            try:
+                overrides = {
+                    str(k): str(v) for k, v in json.loads(overrides_raw)["extensions"].items()
+                }
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise SettingsError(
+                    f'K_CE_OVERRIDES={overrides_raw!r}: expected {{"extensions": {{...}}}}'
+                ) from None
+        db = env.get("KFP_TRAINER_DB", "")
+        return cls(
+            mode=mode,  # type: ignore[arg-type]
+            state_dir=Path(env.get("KFP_TRAINER_STATE_DIR", "") or DEFAULT_STATE_DIR),
+            db_path=Path(db) if db else None,
+            source=env.get("KFP_TRAINER_SOURCE", "") or cls.source,
+            sink=env.get("K_SINK", "") or env.get("KFP_TRAINER_SINK", ""),
+            ce_overrides=overrides,
+            max_body_bytes=_int(env, "KFP_TRAINER_MAX_BODY_BYTES", cls.max_body_bytes, 1),
+            local_workers=_int(env, "KFP_TRAINER_LOCAL_WORKERS", cls.local_workers, 1),
+            model_store=env.get("KFP_TRAINER_MODEL_STORE", ""),
+            progress_interval_s=_float(
+                env, "KFP_TRAINER_PROGRESS_INTERVAL_S", cls.progress_interval_s
+            ),
+            delivery_attempts=_int(env, "KFP_TRAINER_DELIVERY_ATTEMPTS", cls.delivery_attempts, 1),
+            delivery_backoff_s=_float(
+                env, "KFP_TRAINER_DELIVERY_BACKOFF_S", cls.delivery_backoff_s
+            ),
+            delivery_backoff_max_s=_float(
+                env, "KFP_TRAINER_DELIVERY_BACKOFF_MAX_S", cls.delivery_backoff_max_s
+            ),
+            retry_after_s=_int(env, "KFP_TRAINER_RETRY_AFTER_S", cls.retry_after_s, 1),
+            log_level=env.get("KFP_TRAINER_LOG_LEVEL", cls.log_level).upper(),
+            remote=RemoteSettings.from_env(env),
+        )
+
+
+# Every variable read above; knative/ tests check the Service provides what a deployment needs.
+ENV_VARS = (
+    "KFP_TRAINER_MODE",
+    "KFP_TRAINER_STATE_DIR",
+    "KFP_TRAINER_DB",
+    "KFP_TRAINER_SOURCE",
+    "K_SINK",
+    "KFP_TRAINER_SINK",
+    "K_CE_OVERRIDES",
+    "KFP_TRAINER_MAX_BODY_BYTES",
+    "KFP_TRAINER_LOCAL_WORKERS",
+    "KFP_TRAINER_MODEL_STORE",
+    "KFP_TRAINER_PROGRESS_INTERVAL_S",
+    "KFP_TRAINER_DELIVERY_ATTEMPTS",
+    "KFP_TRAINER_DELIVERY_BACKOFF_S",
+    "KFP_TRAINER_DELIVERY_BACKOFF_MAX_S",
+    "KFP_TRAINER_RETRY_AFTER_S",
+    "KFP_TRAINER_LOG_LEVEL",
+    "KFP_HOST",
+    "KFP_NAMESPACE",
+    "KFP_EXPERIMENT",
+    "KFP_DSPA_NAME",
+    "KFP_TOKEN",
+    "KF_PIPELINES_SA_TOKEN_PATH",
+    "KFP_VERIFY_SSL",
+    "S3_ENDPOINT_URL",
+    "S3_BUCKET",
+    "S3_PREFIX",
+    "KFP_TRAINER_S3_SECRET",
+    "KFP_TRAINER_NOTIFY_URL",
+)
+
+__all__ = ["ENV_VARS", "HandlerSettings", "Mode", "RemoteSettings", "SettingsError"]
