@@ -1,0 +1,1 @@
+"""Where runs execute: one interface, one implementation per mode, chosen by one lookup."""
