@@ -36,7 +36,34 @@ class RunState:
 
 
 class Backend(Protocol):
-    """Submit, observe and cancel pipeline runs. Every method is safe to call twice."""
+    """Submit, observe and cancel pipeline runs. Every method is safe to call twice.
+
+    Construction (fixed; every backend follows it)::
+
+        backend = BackendClass(settings: HandlerSettings, store: handler.store.JobStore)
+
+    ``handler.backends.load_backend(settings, store)`` is the one lookup that picks the class:
+    ``settings.backend`` (``KFP_TRAINER_BACKEND``) if set, else ``settings.mode``, looked up in
+    ``handler.backends.BACKENDS`` ({"local": "handler.backends.local:LocalBackend", "remote":
+    "handler.remote.backend:RemoteBackend", "noop": "handler.backends.noop:NoopBackend"}); a
+    ``"package.module:Class"`` value is imported as given. One instance per ``HandlerService``;
+    the constructor must do no network I/O (build clients lazily, on first use).
+
+    What a backend may use of the store (safe across threads and gunicorn worker processes):
+    ``store.request(job_uuid) -> dict`` (the job.requested data, model_artifact.uri resolved),
+    ``store.backend_state(job_uuid) -> dict`` and ``store.set_backend_state(job_uuid, state)``
+    (a small JSON-able dict private to the backend, e.g. a pid or a run id, kept across restarts).
+
+    Optional class attributes the service reads with ``getattr`` (defaults in brackets):
+    ``max_concurrent: int | None`` [None]: runs active at once across all workers; None means
+    submit every queued job at once (KFP queues them itself). ``poll_interval_s: float | None``
+    [None]: how often the owning worker calls ``status()`` for its active jobs; None means only
+    when a ``run.finished`` notice or a ``dev.knative.sources.ping`` tick arrives.
+
+    States: ``status()`` answers ``JobStatus.scheduled`` while the run waits, ``in_progress``
+    while it runs, and a terminal status with ``result`` (pipelines' RunResult dict) and
+    ``error`` once it ended. ``cancel()`` only asks; the terminal state comes from ``status()``.
+    """
 
     name: str
 
