@@ -1,0 +1,66 @@
+"""Runs one submitted pipeline IR with kfp.local, in its own process (``python -m``).
+
+The stand-in starts this in a new session per run, so terminating a run kills the whole process
+group (this process and every task subprocess kfp.local started), as deleting a run's pods would.
+Exit status: 0 the pipeline succeeded, 1 it failed (kfp.local raised), 2 the IR could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.kfp_standin.executor")
+    parser.add_argument("--run-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+
+    from google.protobuf import json_format
+    from kfp import local
+    from kfp.local import pipeline_orchestrator
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    run_dir: Path = args.run_dir
+    try:
+        spec_dict = json.loads((run_dir / "pipeline_spec.json").read_text())
+        arguments = json.loads((run_dir / "arguments.json").read_text())
+        secret_file = run_dir / "secret_env.json"
+        secret_env = json.loads(secret_file.read_text()) if secret_file.exists() else {}
+        secret_file.unlink(missing_ok=True)
+        _add_env(spec_dict, secret_env)
+        spec = json_format.ParseDict(spec_dict, pipeline_spec_pb2.PipelineSpec())
+    except (OSError, ValueError, json_format.ParseError) as exc:
+        print(f"kfp-standin: cannot load the run's IR: {exc}", flush=True)
+        return 2
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(run_dir / "pipeline_root"),
+        raise_on_error=True,
+    )
+    try:
+        pipeline_orchestrator.run_local_pipeline(pipeline_spec=spec, arguments=arguments)
+    except Exception as exc:  # kfp.local raises RuntimeError naming the failed task
+        print(f"kfp-standin: pipeline failed: {exc}", flush=True)
+        (run_dir / "error.txt").write_text(str(exc))
+        return 1
+    return 0
+
+
+def _add_env(spec: dict, env_by_executor: dict[str, dict[str, str]]) -> None:
+    """Put Secret-derived env on each executor's container, as the kubelet does for a pod."""
+    executors = spec.get("deploymentSpec", {}).get("executors", {})
+    for name, env in env_by_executor.items():
+        container = executors.get(name, {}).get("container")
+        if container is not None:
+            container.setdefault("env", []).extend(
+                {"name": key, "value": value} for key, value in env.items()
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The KFP list filter (a JSON-serialised ``Filter`` protobuf), evaluated over plain records.
+
+The SDK sends ``filter`` exactly as the caller wrote it (``json.dumps({"predicates": [...]})``),
+with protojson spellings (``stringValue``) or proto field names (``string_value``); the real API
+server accepts both, and so does this.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "EQUALS": lambda have, want: have == want,
+    "NOT_EQUALS": lambda have, want: have != want,
+    "GREATER_THAN": lambda have, want: have is not None and have > want,
+    "GREATER_THAN_EQUALS": lambda have, want: have is not None and have >= want,
+    "LESS_THAN": lambda have, want: have is not None and have < want,
+    "LESS_THAN_EQUALS": lambda have, want: have is not None and have <= want,
+    "IN": lambda have, want: have in want,
+    "IS_SUBSTRING": lambda have, want: isinstance(have, str) and want in have,
+}
+# The proto enum's numbers, which protojson also accepts.
+_OP_NUMBERS = {
+    1: "EQUALS",
+    2: "NOT_EQUALS",
+    3: "GREATER_THAN",
+    5: "GREATER_THAN_EQUALS",
+    6: "LESS_THAN",
+    7: "LESS_THAN_EQUALS",
+    8: "IN",
+    9: "IS_SUBSTRING",
+}
+_VALUE_FIELDS = {
+    "stringValue": "string",
+    "string_value": "string",
+    "intValue": "int",
+    "int_value": "int",
+    "longValue": "int",
+    "long_value": "int",
+    "timestampValue": "string",
+    "timestamp_value": "string",
+    "intValues": "list",
+    "int_values": "list",
+    "longValues": "list",
+    "long_values": "list",
+    "stringValues": "list",
+    "string_values": "list",
+}
+
+
+class FilterError(ValueError):
+    """The filter is not valid; the message names the offending part (answered as 400)."""
+
+
+Predicate = Callable[[dict[str, Any]], bool]
+
+
+def parse_filter(raw: str | None, keys: frozenset[str]) -> Predicate:
+    """Turn the ``filter`` query parameter into a predicate over records with ``keys``."""
+    if not raw:
+        return lambda _record: True
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise FilterError(f"filter is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise FilterError("filter must be a JSON object with 'predicates'")
+    checks = [_predicate(p, keys) for p in doc.get("predicates") or []]
+    return lambda record: all(check(record) for check in checks)
+
+
+def _predicate(p: Any, keys: frozenset[str]) -> Predicate:
+    if not isinstance(p, dict):
+        raise FilterError(f"filter predicate {p!r} is not an object")
+    op = p.get("operation") or p.get("op")
+    op = _OP_NUMBERS.get(op, op) if isinstance(op, int) else op
+    if op not in _OPS:
+        raise FilterError(f"filter predicate operation {op!r} is not supported")
+    key = p.get("key")
+    if key not in keys:
+        raise FilterError(f"filter key {key!r} is not one of: {', '.join(sorted(keys))}")
+    values = [(name, p[name]) for name in _VALUE_FIELDS if name in p]
+    if len(values) != 1:
+        raise FilterError(f"filter predicate on {key!r} needs exactly one value field")
+    name, want = values[0]
+    if _VALUE_FIELDS[name] == "list":
+        want = want.get("values", []) if isinstance(want, dict) else want
+        if op != "IN":
+            raise FilterError(f"filter predicate on {key!r}: a list value needs operation IN")
+    elif op == "IN":
+        raise FilterError(f"filter predicate on {key!r}: operation IN needs a list value")
+    elif _VALUE_FIELDS[name] == "int":
+        want = int(want)
+    compare = _OPS[op]
+    return lambda record: compare(record.get(key), want)

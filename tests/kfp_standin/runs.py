@@ -1,0 +1,437 @@
+"""The stand-in's state: experiments and runs, and the background execution of each run's IR.
+
+A run is executed by ``tests.kfp_standin.executor`` in its own process session, so terminate kills
+every task it started. Kubernetes' part is emulated where the pipeline depends on it: the
+kfp-kubernetes ``secretAsEnv`` entries of the platform spec inject values from ``secrets`` (the
+cluster's Secrets, set by the test) into the named executors' environment, and nothing else from
+the test process's credentials reaches a task. Other platform settings (node selector,
+tolerations, PVCs, pull secrets) are recorded for inspection, not enforced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tests.kfp_standin.filters import parse_filter
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TERMINAL = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")
+# Never handed to a task from the stand-in's own environment: credentials arrive via Secrets.
+_SCRUBBED_PREFIXES = ("AWS_", "KFP_TOKEN", "S3_", "KF_PIPELINES")
+
+
+class ApiError(Exception):
+    """An error answered to the client: HTTP status plus gRPC code, like grpc-gateway does."""
+
+    GRPC = {400: 3, 401: 16, 403: 7, 404: 5, 409: 6, 500: 13, 501: 12, 503: 14}
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def body(self) -> dict[str, Any]:
+        code = self.GRPC.get(self.status, 2)
+        return {"error": self.message, "code": code, "message": self.message, "details": []}
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class Execution:
+    """One run's executor process."""
+
+    process: subprocess.Popen[bytes] | None = None
+    cancel_requested: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class KfpState:
+    """Experiments, runs and executions; every method is thread-safe."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.secrets: dict[str, dict[str, str]] = {}
+        self.task_env: dict[str, str] = {}
+        self._lock = threading.RLock()
+        self._experiments: dict[str, dict[str, Any]] = {}
+        self._runs: dict[str, dict[str, Any]] = {}
+        self._executions: dict[str, Execution] = {}
+        self._platform: dict[str, dict[str, Any]] = {}
+
+    # ---- experiments ------------------------------------------------------------------------
+    def create_experiment(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = body.get("display_name")
+        if not isinstance(name, str) or not name.strip():
+            raise ApiError(400, "Invalid input error: experiment display_name is empty")
+        namespace = body.get("namespace") or ""
+        with self._lock:
+            for exp in self._experiments.values():
+                if exp["display_name"] == name and exp["namespace"] == namespace:
+                    raise ApiError(
+                        409, f"Already exist error: experiment named {name!r} already exists"
+                    )
+            exp = {
+                "experiment_id": str(uuid.uuid4()),
+                "display_name": name,
+                "description": body.get("description") or "",
+                "namespace": namespace,
+                "created_at": _now(),
+                "storage_state": "AVAILABLE",
+                "last_run_created_at": "1970-01-01T00:00:00Z",
+            }
+            self._experiments[exp["experiment_id"]] = exp
+            return dict(exp)
+
+    def get_experiment(self, experiment_id: str) -> dict[str, Any]:
+        with self._lock:
+            try:
+                return dict(self._experiments[experiment_id])
+            except KeyError:
+                raise ApiError(404, f"Experiment {experiment_id} not found") from None
+
+    def list_experiments(self, query: dict[str, str]) -> dict[str, Any]:
+        keys = frozenset(("display_name", "experiment_id", "namespace", "storage_state"))
+        match = parse_filter(query.get("filter"), keys)
+        namespace = query.get("namespace") or ""
+        with self._lock:
+            items = [
+                dict(e)
+                for e in self._experiments.values()
+                if match(e) and (not namespace or e["namespace"] in ("", namespace))
+            ]
+        return _page(items, query, "experiments")
+
+    # ---- runs -------------------------------------------------------------------------------
+    def create_run(self, body: dict[str, Any], experiment_query: str | None) -> dict[str, Any]:
+        name = body.get("display_name")
+        if not isinstance(name, str) or not name.strip():
+            raise ApiError(400, "Invalid input error: run display_name is empty")
+        experiment_id = body.get("experiment_id") or experiment_query
+        if not experiment_id:
+            raise ApiError(400, "Invalid input error: run has no experiment_id")
+        experiment = self.get_experiment(experiment_id)
+        if body.get("pipeline_version_reference") or body.get("pipeline_version_id"):
+            raise ApiError(501, "the KFP stand-in runs inline pipeline_spec only")
+        spec, platform = _split_spec(body.get("pipeline_spec"))
+        runtime = body.get("runtime_config") or {}
+        arguments = dict(runtime.get("parameters") or {})
+        _check_arguments(spec, arguments)
+        now = _now()
+        run = {
+            "experiment_id": experiment_id,
+            "run_id": str(uuid.uuid4()),
+            "display_name": name,
+            "description": body.get("description") or "",
+            "storage_state": "AVAILABLE",
+            "pipeline_spec": body.get("pipeline_spec"),
+            "runtime_config": {
+                "parameters": arguments,
+                "pipeline_root": runtime.get("pipeline_root") or "",
+            },
+            "service_account": body.get("service_account") or "pipeline-runner",
+            "created_at": now,
+            "scheduled_at": now,
+            "finished_at": "1970-01-01T00:00:00Z",
+            "state": "PENDING",
+            "state_history": [{"update_time": now, "state": "PENDING"}],
+        }
+        run_dir = self.work_dir / "runs" / run["run_id"]
+        run_dir.mkdir(parents=True)
+        with self._lock:
+            self._runs[run["run_id"]] = run
+            self._platform[run["run_id"]] = platform
+            experiment_record = self._experiments[experiment["experiment_id"]]
+            experiment_record["last_run_created_at"] = now
+            execution = self._executions[run["run_id"]] = Execution()
+        threading.Thread(
+            target=self._execute,
+            args=(run["run_id"], spec, platform, arguments, run_dir, execution),
+            name=f"kfp-standin-run-{run['run_id'][:8]}",
+            daemon=True,
+        ).start()
+        return self._public(run)
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        with self._lock:
+            try:
+                return self._public(self._runs[run_id])
+            except KeyError:
+                raise ApiError(404, f"Run {run_id} not found") from None
+
+    def list_runs(self, query: dict[str, str]) -> dict[str, Any]:
+        keys = frozenset(("display_name", "run_id", "experiment_id", "state", "storage_state"))
+        match = parse_filter(query.get("filter"), keys)
+        experiment_id = query.get("experiment_id")
+        with self._lock:
+            items = [
+                self._public(r)
+                for r in self._runs.values()
+                if match(r) and (not experiment_id or r["experiment_id"] == experiment_id)
+            ]
+        return _page(items, query, "runs")
+
+    def terminate_run(self, run_id: str) -> None:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                raise ApiError(404, f"Run {run_id} not found")
+            if run["state"] in TERMINAL:
+                return
+            execution = self._executions[run_id]
+            execution.cancel_requested = True
+            self._set_state(run, "CANCELING")
+            process = execution.process
+        if process is not None and process.poll() is None:
+            _kill_group(process, signal.SIGTERM)
+
+    # ---- test helpers -----------------------------------------------------------------------
+    def platform_spec(self, run_id: str) -> dict[str, Any]:
+        with self._lock:
+            return copy.deepcopy(self._platform[run_id])
+
+    def run_log(self, run_id: str) -> str:
+        log = self.work_dir / "runs" / run_id / "log.txt"
+        return log.read_text(errors="replace") if log.exists() else ""
+
+    def run_count(self) -> int:
+        with self._lock:
+            return len(self._runs)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait (bounded) until no execution is running."""
+        with self._lock:
+            executions = list(self._executions.values())
+        deadline = datetime.now(UTC).timestamp() + timeout
+        for execution in executions:
+            left = deadline - datetime.now(UTC).timestamp()
+            if left <= 0 or not execution.done.wait(left):
+                return False
+        return True
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Kill every running execution (bounded), like deleting the cluster."""
+        with self._lock:
+            executions = list(self._executions.values())
+        for execution in executions:
+            process = execution.process
+            if process is not None and process.poll() is None:
+                execution.cancel_requested = True
+                _kill_group(process, signal.SIGKILL)
+        for execution in executions:
+            execution.done.wait(timeout)
+
+    # ---- internals --------------------------------------------------------------------------
+    def _public(self, run: dict[str, Any]) -> dict[str, Any]:
+        return copy.deepcopy(run)
+
+    def _set_state(self, run: dict[str, Any], state: str, error: str | None = None) -> None:
+        now = _now()
+        run["state"] = state
+        entry: dict[str, Any] = {"update_time": now, "state": state}
+        if error:
+            run["error"] = {"code": 2, "message": error, "details": []}
+            entry["error"] = run["error"]
+        run["state_history"].append(entry)
+        if state in TERMINAL:
+            run["finished_at"] = now
+
+    def _execute(
+        self,
+        run_id: str,
+        spec: dict[str, Any],
+        platform: dict[str, Any],
+        arguments: dict[str, Any],
+        run_dir: Path,
+        execution: Execution,
+    ) -> None:
+        try:
+            self._execute_inner(run_id, spec, platform, arguments, run_dir, execution)
+        finally:
+            execution.done.set()
+
+    def _execute_inner(
+        self,
+        run_id: str,
+        spec: dict[str, Any],
+        platform: dict[str, Any],
+        arguments: dict[str, Any],
+        run_dir: Path,
+        execution: Execution,
+    ) -> None:
+        try:
+            secret_env = _secret_env(spec, platform, arguments, self.secrets)
+        except ApiError as exc:  # like a pod stuck on a missing Secret: the run fails
+            with self._lock:
+                self._set_state(self._runs[run_id], "FAILED", exc.message)
+            return
+        (run_dir / "pipeline_spec.json").write_text(json.dumps(spec))
+        # Read and deleted by the executor: secret values never sit in the run's files.
+        secret_file = run_dir / "secret_env.json"
+        secret_file.touch(mode=0o600)
+        secret_file.write_text(json.dumps(secret_env))
+        (run_dir / "arguments.json").write_text(json.dumps(arguments))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
+        env.update(self.task_env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        with self._lock:
+            run = self._runs[run_id]
+            if execution.cancel_requested:
+                self._set_state(run, "CANCELED")
+                return
+            with open(run_dir / "log.txt", "wb") as log:
+                execution.process = subprocess.Popen(
+                    [sys.executable, "-m", "tests.kfp_standin.executor", "--run-dir", str(run_dir)],
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self._set_state(run, "RUNNING")
+        process = execution.process
+        code = _wait(process, execution)
+        _kill_group(process, signal.SIGKILL)  # tasks may outlive their executor: none may linger
+        with self._lock:
+            if execution.cancel_requested:
+                self._set_state(run, "CANCELED")
+            elif code == 0:
+                self._set_state(run, "SUCCEEDED")
+            else:
+                error_file = run_dir / "error.txt"
+                message = (
+                    error_file.read_text() if error_file.exists() else f"executor exited {code}"
+                )
+                self._set_state(run, "FAILED", message)
+
+
+def _wait(process: subprocess.Popen[bytes], execution: Execution, grace: float = 10.0) -> int:
+    """Wait for the executor; once cancelled, give it ``grace`` seconds before SIGKILL."""
+    cancelled_at: float | None = None
+    while True:
+        try:
+            return process.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        if execution.cancel_requested:
+            now = time.monotonic()
+            cancelled_at = cancelled_at or now
+            if now - cancelled_at > grace:
+                _kill_group(process, signal.SIGKILL)
+
+
+def _kill_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+
+
+def _page(items: list[dict[str, Any]], query: dict[str, str], name: str) -> dict[str, Any]:
+    sort_by = (query.get("sort_by") or "created_at").split()
+    reverse = len(sort_by) > 1 and sort_by[1].lower() == "desc"
+    items.sort(key=lambda item: str(item.get(sort_by[0], "")), reverse=reverse)
+    try:
+        size = int(query.get("page_size") or 0) or len(items) or 1
+        start = int(query.get("page_token") or 0)
+    except ValueError:
+        raise ApiError(
+            400, "Invalid input error: page_size and page_token must be integers"
+        ) from None
+    page = items[start : start + size]
+    out: dict[str, Any] = {"total_size": len(items)}
+    if page:
+        out[name] = page
+    if start + size < len(items):
+        out["next_page_token"] = str(start + size)
+    return out
+
+
+def _split_spec(value: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's ``pipeline_spec``: the IR, or {pipeline_spec, platform_spec} with kfp-kubernetes."""
+    if not isinstance(value, dict) or not value:
+        raise ApiError(400, "Invalid input error: run has no pipeline_spec")
+    if "pipeline_spec" in value:
+        return value["pipeline_spec"], value.get("platform_spec") or {}
+    return value, {}
+
+
+def _check_arguments(spec: dict[str, Any], arguments: dict[str, Any]) -> None:
+    """Reject what the real server's run creation rejects: unknown or missing parameters."""
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    try:
+        json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())
+    except json_format.ParseError as exc:
+        raise ApiError(
+            400, f"Invalid input error: pipeline_spec is not a PipelineSpec: {exc}"
+        ) from None
+    declared = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    unknown = sorted(set(arguments) - set(declared))
+    if unknown:
+        raise ApiError(400, f"Invalid input error: unknown pipeline parameters {unknown}")
+    missing = sorted(
+        name
+        for name, definition in declared.items()
+        if name not in arguments
+        and "defaultValue" not in definition
+        and not definition.get("isOptional")
+    )
+    if missing:
+        raise ApiError(400, f"Invalid input error: missing pipeline parameters {missing}")
+
+
+def _secret_env(
+    spec: dict[str, Any],
+    platform: dict[str, Any],
+    arguments: dict[str, Any],
+    secrets: dict[str, dict[str, str]],
+) -> dict[str, dict[str, str]]:
+    """The env each executor's ``secretAsEnv`` entries ask for, resolved as the kubelet would."""
+    k8s = platform.get("platforms", {}).get("kubernetes", {})
+    executors_cfg = k8s.get("deploymentSpec", {}).get("executors", {})
+    executors = spec.get("deploymentSpec", {}).get("executors", {})
+    out: dict[str, dict[str, str]] = {}
+    for executor_name, cfg in executors_cfg.items():
+        if executor_name not in executors:
+            continue
+        for entry in cfg.get("secretAsEnv", []):
+            secret_name = _secret_name(entry, arguments)
+            secret = secrets.get(secret_name)
+            if secret is None:
+                if entry.get("optional"):
+                    continue
+                raise ApiError(400, f"secret {secret_name!r} not found for {executor_name}")
+            for mapping in entry.get("keyToEnv", []):
+                key = mapping.get("secretKey")
+                if key not in secret:
+                    if entry.get("optional"):
+                        continue
+                    raise ApiError(400, f"secret {secret_name!r} has no key {key!r}")
+                out.setdefault(executor_name, {})[mapping.get("envVar")] = secret[key]
+    return out
+
+
+def _secret_name(entry: dict[str, Any], arguments: dict[str, Any]) -> str:
+    param = entry.get("secretNameParameter") or {}
+    runtime = param.get("runtimeValue") or {}
+    if "constant" in runtime:
+        return str(runtime["constant"])
+    if "componentInputParameter" in param:
+        return str(arguments.get(param["componentInputParameter"], ""))
+    return str(entry.get("secretName", ""))
