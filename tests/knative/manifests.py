@@ -1,0 +1,107 @@
+"""Reading knative/ the way kubectl and the API server would, for the manifest tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+KNATIVE_DIR = REPO / "knative"
+SHARED_TOOLS = REPO.parent / "shared" / "tools"
+# Kubernetes version the core kinds are validated against (one kubernetes-validate ships).
+K8S_VERSION = "1.33"
+
+
+@dataclass(frozen=True)
+class Doc:
+    """One YAML document of knative/, with the file it came from."""
+
+    file: str
+    body: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.body["kind"]
+
+    @property
+    def name(self) -> str:
+        return self.body["metadata"]["name"]
+
+    @property
+    def api_version(self) -> str:
+        return self.body["apiVersion"]
+
+    @property
+    def label(self) -> str:
+        return f"{self.file}: {self.kind}/{self.name}"
+
+
+@cache
+def validate_knative() -> ModuleType:
+    """shared/tools/validate_knative.py, imported by path (CI has shared/ beside the clone)."""
+    path = SHARED_TOOLS / "validate_knative.py"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: the Knative CRD validator lives in ../shared beside the checkout"
+        )
+    spec = importlib.util.spec_from_file_location("validate_knative", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("validate_knative", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def manifest_files() -> list[Path]:
+    """Every YAML file in knative/ except the kustomization itself."""
+    files = sorted(KNATIVE_DIR.glob("*.y*ml"))
+    return [f for f in files if f.name not in ("kustomization.yaml", "kustomization.yml")]
+
+
+def kustomization() -> dict[str, Any]:
+    return yaml.safe_load((KNATIVE_DIR / "kustomization.yaml").read_text(encoding="utf-8"))
+
+
+@cache
+def documents() -> tuple[Doc, ...]:
+    """All documents, loaded with the validator's loader (duplicate keys rejected, dates kept)."""
+    vk = validate_knative()
+    docs = []
+    for path in manifest_files():
+        for body in vk.load_yaml_documents(path.read_text(encoding="utf-8")):
+            docs.append(Doc(path.name, body))
+    return tuple(docs)
+
+
+def find(kind: str, name: str | None = None, api_group: str | None = None) -> list[Doc]:
+    """Documents of a kind (optionally a name, and an API group: "" for core)."""
+    out = []
+    for doc in documents():
+        group = doc.api_version.rpartition("/")[0]
+        if doc.kind != kind or (name is not None and doc.name != name):
+            continue
+        if api_group is not None and group != api_group:
+            continue
+        out.append(doc)
+    return out
+
+
+def one(kind: str, name: str, api_group: str | None = None) -> Doc:
+    found = find(kind, name, api_group)
+    assert len(found) == 1, f"expected exactly one {kind}/{name} in knative/, found {len(found)}"
+    return found[0]
+
+
+def resolve_ref(ref: dict[str, Any]) -> Doc:
+    """The document a Knative destination `ref` (apiVersion, kind, name) points at."""
+    group = ref["apiVersion"].rpartition("/")[0]
+    found = [d for d in find(ref["kind"], ref["name"], group) if d.api_version == ref["apiVersion"]]
+    assert found, f"ref {ref} names nothing defined in knative/"
+    return found[0]

@@ -1,0 +1,435 @@
+"""knative/ against the real Knative CRD schemas, the Kubernetes API schemas and each other.
+
+No cluster runs here, so every rule a cluster would enforce at apply time (schemas) and every
+rule the handler relies on at run time (names, env, ports, event types) is checked offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from typing import Any
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate import utils as kv_utils
+
+from handler import contract
+from handler.settings import ENV_VARS as HANDLER_ENV_VARS
+from handler.settings import HandlerSettings
+from pipelines.settings import ENV_VARS as PIPELINE_ENV_VARS
+from pipelines.settings import PipelineSettings
+from tests.knative import manifests as m
+
+HANDLER = "kfp-trainer-handler"
+BROKER = "kfp-trainer"
+KSVC_API = "serving.knative.dev/v1"
+
+# Handler settings a remote deployment deliberately leaves unset, and why. Anything else in
+# handler/settings.py ENV_VARS must be provided, so a new setting fails here until it is.
+NOT_SET_REMOTELY = {
+    "KFP_TRAINER_SINK": "K_SINK from the SinkBinding takes its place",
+    "K_CE_OVERRIDES": "injected by the SinkBinding only when it sets ceOverrides (none needed)",
+    "KFP_TRAINER_DB": "defaults to <KFP_TRAINER_STATE_DIR>/handler.sqlite3",
+    "KFP_TRAINER_LOCAL_WORKERS": "local mode only",
+    "KFP_TRAINER_BACKEND": "empty: KFP_TRAINER_MODE=remote picks the remote backend",
+}
+# Injected by Knative itself rather than by our manifests.
+INJECTED = {"K_SINK": "SinkBinding", "PORT": "Knative Serving (= containerPort)"}
+
+
+def handler_service() -> m.Doc:
+    return m.one("Service", HANDLER, "serving.knative.dev")
+
+
+def handler_container() -> dict[str, Any]:
+    containers = handler_service().body["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, "the handler Service runs exactly one container"
+    return containers[0]
+
+
+def namespace() -> str:
+    return m.kustomization()["namespace"]
+
+
+# ------------------------------------------------------------------------------ schemas
+
+
+def test_every_file_loads_and_holds_documents():
+    files = m.manifest_files()
+    assert files, "knative/ holds no manifests"
+    for path in files:
+        assert any(d.file == path.name for d in m.documents()), f"{path.name} holds no document"
+
+
+@pytest.mark.parametrize("path", m.manifest_files(), ids=lambda p: p.name)
+def test_knative_kinds_validate_against_upstream_crds(path):
+    vk = m.validate_knative()
+    results = vk.validate_file(str(path), _schema_store())
+    failures = [vk.format_result(*r) for r in results if r[0] == "FAIL"]
+    assert not failures, "\n".join(failures)
+    for status, label, _ in results:
+        assert status in ("OK", "SKIP"), label
+
+
+def test_every_document_is_checked_by_one_of_the_validators():
+    vk = m.validate_knative()
+    store = _schema_store()
+    statuses = {d.label: vk.validate_document(d.body, store)[0] for d in m.documents()}
+    assert "OK" in statuses.values(), "no Knative document was schema-checked"
+    for doc in m.documents():
+        if statuses[doc.label] == "SKIP":
+            # Core kinds: kubernetes-validate must know them (a SchemaNotFoundError fails).
+            kv_utils.validate(doc.body, m.K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    "doc", [d for d in m.documents() if d.api_version.count(".") < 2], ids=lambda d: d.label
+)
+def test_core_kinds_validate_with_kubernetes_validate(doc):
+    try:
+        kv_utils.validate(doc.body, m.K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = ".".join(str(p) for p in exc.path)
+        pytest.fail(f"{doc.label}: {path}: {exc.message}")
+
+
+def test_the_validators_catch_a_typo():
+    """Both validators reject an unknown field, so the two tests above can fail."""
+    vk = m.validate_knative()
+    service = copy.deepcopy(handler_service().body)
+    service["spec"]["template"]["spec"]["containerConcurency"] = 8
+    status, _, reason = vk.validate_document(service, _schema_store())
+    assert status == "FAIL" and "containerConcurency" in reason
+
+    role = copy.deepcopy(m.one("Role", HANDLER).body)
+    role["rules"][0]["verb"] = ["get"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kv_utils.validate(role, m.K8S_VERSION, strict=True)
+
+
+def test_kubernetes_version_is_one_kubernetes_validate_ships():
+    assert m.K8S_VERSION in {kv_utils.major_minor(v) for v in kv_utils.all_versions()}
+
+
+# ------------------------------------------------------------------------------ kustomization
+
+
+def test_kustomization_lists_every_manifest_exactly_once():
+    listed = m.kustomization()["resources"]
+    assert len(listed) == len(set(listed)), f"duplicates in kustomization.yaml: {listed}"
+    on_disk = {p.name for p in m.manifest_files()}
+    assert set(listed) == on_disk, (
+        f"not listed: {sorted(on_disk - set(listed))}; missing files: "
+        f"{sorted(set(listed) - on_disk)}"
+    )
+
+
+def test_names_are_unique_and_namespace_comes_from_the_kustomization():
+    seen: set[tuple[str, str, str]] = set()
+    for doc in m.documents():
+        key = (doc.api_version.rpartition("/")[0], doc.kind, doc.name)
+        assert key not in seen, f"{doc.label} defined twice"
+        seen.add(key)
+        ns = doc.body["metadata"].get("namespace")
+        assert ns in (None, namespace()), f"{doc.label} pins namespace {ns!r}"
+    assert (
+        m.one("Namespace", namespace(), "").body["metadata"]["labels"][
+            "bindings.knative.dev/include"
+        ]
+        == "true"
+    ), "SinkBinding inclusion mode needs the namespace label"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
+def test_kustomize_builds_the_whole_set():
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(m.KNATIVE_DIR)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert len(built) == len(m.documents())
+    for doc in built:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == namespace(), doc["metadata"]["name"]
+    image_override = m.kustomization()["images"][0]
+    service = next(
+        d
+        for d in built
+        if d["kind"] == "Service"
+        and d["apiVersion"] == KSVC_API
+        and d["metadata"]["name"] == HANDLER
+    )
+    image = service["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == f"{image_override['name']}:{image_override['newTag']}"
+
+
+# ------------------------------------------------------------------------------ cross-references
+
+
+def test_handler_triggers_name_the_broker_and_the_handler_service():
+    for trigger in m.find("Trigger"):
+        assert trigger.body["spec"]["broker"] == BROKER, trigger.label
+        m.one("Broker", BROKER)
+        target = m.resolve_ref(trigger.body["spec"]["subscriber"]["ref"])
+        assert target.api_version == KSVC_API, f"{trigger.label} subscriber is not a ksvc"
+
+
+def _trigger_types(trigger: m.Doc) -> list[str]:
+    """The exact `type` values a Trigger lets through (filter.attributes or filters/any/exact)."""
+    spec = trigger.body["spec"]
+    if "filters" in spec:
+        assert "filter" not in spec, f"{trigger.label}: `filters` silently overrides `filter`"
+        (expr,) = spec["filters"]
+        branches = expr["any"] if "any" in expr else [expr]
+        assert branches, f"{trigger.label}: `any` must hold at least one expression"
+        types = []
+        for branch in branches:
+            assert set(branch) == {"exact"}, f"{trigger.label}: unexpected dialect {branch}"
+            assert set(branch["exact"]) == {"type"}, f"{trigger.label}: filter on type only"
+            types.append(branch["exact"]["type"])
+        return types
+    attributes = spec["filter"]["attributes"]
+    assert set(attributes) == {"type"}, f"{trigger.label}: filter on type only"
+    return [attributes["type"]]
+
+
+def test_one_trigger_per_consumed_type_and_each_delivers_to_the_handler():
+    to_handler = [
+        t for t in m.find("Trigger") if t.body["spec"]["subscriber"]["ref"]["name"] == HANDLER
+    ]
+    types = [typ for t in to_handler for typ in _trigger_types(t)]
+    assert sorted(types) == sorted(contract.BROKER_CONSUMED_TYPES)
+    assert all(len(_trigger_types(t)) == 1 for t in to_handler)
+
+
+def test_completion_trigger_matches_exactly_the_terminal_types():
+    others = [
+        t for t in m.find("Trigger") if t.body["spec"]["subscriber"]["ref"]["name"] != HANDLER
+    ]
+    assert len(others) == 1, "one Trigger carries the completion types"
+    assert sorted(_trigger_types(others[0])) == sorted(contract.TERMINAL_TYPES)
+    assert set(contract.TERMINAL_TYPES) <= set(contract.EMITTED_TYPES)
+    subscriber = m.resolve_ref(others[0].body["spec"]["subscriber"]["ref"])
+    assert subscriber.name != HANDLER
+
+
+def test_no_trigger_loops_emitted_events_back_into_the_handler():
+    for trigger in m.find("Trigger"):
+        if trigger.body["spec"]["subscriber"]["ref"]["name"] == HANDLER:
+            assert not set(_trigger_types(trigger)) & set(contract.EMITTED_TYPES)
+
+
+_ISO_DURATION = re.compile(r"^P(?!$)(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+(\.\d+)?S)?)?$")
+
+
+@pytest.mark.parametrize("doc", [*m.find("Trigger"), *m.find("Broker")], ids=lambda d: d.label)
+def test_delivery_retries_with_exponential_backoff_into_a_dead_letter_sink(doc):
+    delivery = doc.body["spec"]["delivery"]
+    assert isinstance(delivery["retry"], int) and delivery["retry"] >= 3
+    assert delivery["backoffPolicy"] == "exponential"
+    assert _ISO_DURATION.match(delivery["backoffDelay"]), delivery["backoffDelay"]
+    dls = m.resolve_ref(delivery["deadLetterSink"]["ref"])
+    assert dls.name != HANDLER, "dead letters must not go back to the handler"
+
+
+def test_sinkbinding_binds_the_handler_service_to_the_broker():
+    (binding,) = m.find("SinkBinding")
+    subject = binding.body["spec"]["subject"]
+    assert subject == {"apiVersion": KSVC_API, "kind": "Service", "name": HANDLER}
+    handler_service()  # exists
+    sink = m.resolve_ref(binding.body["spec"]["sink"]["ref"])
+    assert (sink.kind, sink.name) == ("Broker", BROKER)
+
+
+def test_pingsource_sends_the_reconcile_tick_straight_to_the_handler():
+    (ping,) = m.find("PingSource")
+    spec = ping.body["spec"]
+    target = m.resolve_ref(spec["sink"]["ref"])
+    assert (target.api_version, target.name) == (KSVC_API, HANDLER)
+    fields = spec["schedule"].split()
+    assert len(fields) == 5, f"schedule {spec['schedule']!r} is not a 5-field cron expression"
+    assert spec["contentType"] == "application/json"
+    assert isinstance(json.loads(spec["data"]), dict)
+    assert contract.PING in contract.CONSUMED_TYPES
+
+
+def test_service_account_and_its_role_binding_exist():
+    sa_name = handler_service().body["spec"]["template"]["spec"]["serviceAccountName"]
+    m.one("ServiceAccount", sa_name, "")
+    bindings = [
+        b
+        for b in m.find("RoleBinding")
+        if {"kind": "ServiceAccount", "name": sa_name, "namespace": namespace()}
+        in b.body["subjects"]
+    ]
+    assert bindings, f"no RoleBinding binds ServiceAccount {sa_name} in {namespace()}"
+    for binding in bindings:
+        role = binding.body["roleRef"]
+        assert role["kind"] == "Role"
+        rules = m.one("Role", role["name"]).body["rules"]
+        resources = {r for rule in rules for r in rule["resources"]}
+        assert "datasciencepipelinesapplications" in resources
+
+
+# ------------------------------------------------------------------------------ env and secrets
+
+
+def _config_map_data() -> dict[str, str]:
+    data: dict[str, str] = {}
+    for source in handler_container().get("envFrom", []):
+        ref = source["configMapRef"]
+        data.update(m.one("ConfigMap", ref["name"], "").body["data"])
+    return data
+
+
+def _secret_refs() -> dict[str, dict[str, Any]]:
+    """env name -> secretKeyRef, for every env var the handler reads from a Secret."""
+    refs = {}
+    for env in handler_container().get("env", []):
+        ref = env.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            refs[env["name"]] = ref
+    return refs
+
+
+def _provided_env() -> set[str]:
+    plain = {e["name"] for e in handler_container().get("env", [])}
+    return plain | set(_config_map_data()) | set(INJECTED)
+
+
+def test_config_map_values_are_strings():
+    for key, value in _config_map_data().items():
+        assert isinstance(value, str), f"ConfigMap value {key} must be a string, not {value!r}"
+
+
+def test_every_handler_setting_a_remote_deployment_needs_is_provided():
+    missing = set(HANDLER_ENV_VARS) - _provided_env() - set(NOT_SET_REMOTELY)
+    assert not missing, f"handler settings not provided by knative/: {sorted(missing)}"
+    needlessly_excused = set(NOT_SET_REMOTELY) & _provided_env()
+    assert not needlessly_excused, f"provided after all: {sorted(needlessly_excused)}"
+    assert set(NOT_SET_REMOTELY) <= set(HANDLER_ENV_VARS), "excuse for a setting that is gone"
+
+
+def test_every_pipeline_setting_is_provided():
+    missing = set(PIPELINE_ENV_VARS) - _provided_env()
+    assert not missing, f"pipeline settings not provided by knative/: {sorted(missing)}"
+
+
+def test_provided_env_has_no_unknown_names():
+    known = (
+        set(HANDLER_ENV_VARS)
+        | set(PIPELINE_ENV_VARS)
+        | {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    )
+    unknown = _provided_env() - known - set(INJECTED)
+    assert not unknown, f"env nobody reads (typo?): {sorted(unknown)}"
+
+
+def _deployed_env() -> dict[str, str]:
+    """The container's environment as Knative would build it, with placeholder secret values."""
+    env = dict(_config_map_data())
+    for name in _secret_refs():
+        env[name] = f"<{name}>"
+    env["K_SINK"] = (
+        f"http://broker-ingress.knative-eventing.svc.cluster.local/{namespace()}/{BROKER}"
+    )
+    env["PORT"] = str(handler_container()["ports"][0]["containerPort"])
+    return env
+
+
+def test_the_settings_parse_from_the_deployed_environment():
+    settings = HandlerSettings.from_env(_deployed_env())
+    assert settings.mode == "remote"
+    assert settings.sink.endswith(f"/{namespace()}/{BROKER}")
+    assert settings.remote.kfp_token == "<KFP_TOKEN>"
+    assert settings.remote.s3_bucket
+    pipeline = PipelineSettings.from_env(_deployed_env())
+    assert pipeline.base_image == _config_map_data()["KFP_TRAINER_BASE_IMAGE"]
+    assert pipeline.s3_secret_name == settings.remote.s3_secret_name
+
+
+def test_secret_refs_name_template_secrets_and_their_declared_keys():
+    refs = _secret_refs()
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "KFP_TOKEN"} <= set(refs)
+    used: dict[str, set[str]] = {}
+    for env_name, ref in refs.items():
+        secret = m.one("Secret", ref["name"], "").body
+        annotations = secret["metadata"].get("annotations", {})
+        required = _keys(annotations, "required-keys")
+        optional = _keys(annotations, "optional-keys")
+        assert ref["key"] in required | optional, f"{env_name}: key {ref['key']} not declared"
+        assert bool(ref.get("optional")) == (ref["key"] in optional), (
+            f"{env_name}: `optional` must match the Secret's declaration"
+        )
+        used.setdefault(ref["name"], set()).add(ref["key"])
+    for secret in m.find("Secret", api_group=""):
+        declared = _keys(secret.body["metadata"].get("annotations", {}), "required-keys")
+        declared |= _keys(secret.body["metadata"].get("annotations", {}), "optional-keys")
+        assert declared == used.get(secret.name, set()), f"{secret.label}: unused declared keys"
+
+
+def _keys(annotations: dict[str, str], what: str) -> set[str]:
+    raw = annotations.get(f"kfp-trainer.llamastack.io/{what}", "")
+    return {k.strip() for k in raw.split(",") if k.strip()}
+
+
+def test_secret_templates_carry_no_values():
+    secrets = m.find("Secret", api_group="")
+    assert {s.name for s in secrets} >= {"kfp-trainer-s3", "kfp-trainer-kfp"}
+    for secret in secrets:
+        assert not set(secret.body) & {"data", "stringData"}, f"{secret.label} carries values"
+
+
+def test_s3_secret_for_the_training_task_is_the_template():
+    name = _config_map_data()["KFP_TRAINER_S3_SECRET"]
+    secret = m.one("Secret", name, "").body
+    required = _keys(secret["metadata"]["annotations"], "required-keys")
+    assert required == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_notify_url_is_the_handlers_own_cluster_local_address():
+    url = urlsplit(_config_map_data()["KFP_TRAINER_NOTIFY_URL"])
+    assert url.scheme == "http"
+    assert url.hostname == f"{HANDLER}.{namespace()}.svc.cluster.local"
+    assert url.port is None, "the ksvc's cluster-local address listens on port 80"
+    assert _config_map_data()["KFP_NAMESPACE"] == namespace()
+    labels = handler_service().body["metadata"]["labels"]
+    assert labels.get("networking.knative.dev/visibility") == "cluster-local"
+
+
+def test_handler_runs_remote_mode_under_its_service_account():
+    assert _config_map_data()["KFP_TRAINER_MODE"] == "remote"
+    spec = handler_service().body["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == HANDLER
+
+
+# ------------------------------------------------------------------------------ scaling, resources
+
+
+def test_scale_bounds_resources_and_non_root():
+    template = handler_service().body["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    low = int(annotations["autoscaling.knative.dev/min-scale"])
+    high = int(annotations["autoscaling.knative.dev/max-scale"])
+    assert 1 <= low <= high, "min-scale >= 1: the outbox and dispatcher run between requests"
+    assert template["spec"]["containerConcurrency"] >= 1
+    resources = handler_container()["resources"]
+    assert resources["requests"]["memory"] and resources["limits"]["memory"]
+    assert handler_container()["securityContext"]["runAsNonRoot"] is True
+
+
+def _schema_store():
+    return _store_cache.setdefault("store", m.validate_knative().SchemaStore())
+
+
+_store_cache: dict[str, Any] = {}
