@@ -190,7 +190,7 @@ def _trigger_types(trigger: m.Doc) -> list[str]:
     if "filters" in spec:
         assert "filter" not in spec, f"{trigger.label}: `filters` silently overrides `filter`"
         (expr,) = spec["filters"]
-        branches = expr["any"] if "any" in expr else [expr]
+        branches = expr.get("any", [expr])
         assert branches, f"{trigger.label}: `any` must hold at least one expression"
         types = []
         for branch in branches:
