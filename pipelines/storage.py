@@ -1,0 +1,238 @@
+"""Moving artifacts between URIs and local disk: local paths, file:// and s3:// (boto3).
+
+The same training task runs locally (artifacts are files already) and remotely (artifacts live
+in S3 and the task fetches them itself, with the endpoint from ``S3_ENDPOINT_URL`` and
+credentials from the standard ``AWS_*`` variables). Nothing here knows what an artifact means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pipelines.validation import local_path
+
+
+class StorageError(RuntimeError):
+    """A fetch or publish failed; the message names the URI."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def parse_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key/path`` -> ("bucket", "key/path")."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"{uri!r} is not an s3://bucket/key URI")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI or path segments with single slashes."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def s3_client(env: Mapping[str, str] | None = None) -> Any:
+    """A boto3 S3 client for ``S3_ENDPOINT_URL`` (empty: AWS); credentials from AWS_* env."""
+    import boto3
+    from botocore.config import Config
+
+    env = os.environ if env is None else env
+    endpoint = env.get("S3_ENDPOINT_URL") or None
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        config=Config(
+            retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}
+        ),
+    )
+
+
+def _list(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        yield from page.get("Contents", [])
+
+
+def _object(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    from botocore.exceptions import ClientError
+
+    try:
+        return client.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise StorageError(f"cannot read s3://{bucket}/{key}: {exc}") from None
+
+
+def exists(uri: str, client: Any = None) -> str | None:
+    """``"file"``, ``"dir"`` or None: what ``uri`` names, if anything."""
+    path = local_path(uri)
+    if path is not None:
+        return "dir" if path.is_dir() else "file" if path.is_file() else None
+    bucket, key = parse_s3(uri)
+    client = client or s3_client()
+    if key and _object(client, bucket, key) is not None:
+        return "file"
+    for _ in _list(client, bucket, key.rstrip("/") + "/"):
+        return "dir"
+    return None
+
+
+def fingerprint(uri: str, client: Any = None) -> str:
+    """A digest that changes whenever the object(s) behind an s3:// URI change (ETags)."""
+    bucket, key = parse_s3(uri)
+    client = client or s3_client()
+    h = hashlib.sha256(uri.encode())
+    head = _object(client, bucket, key) if key else None
+    if head is not None:
+        h.update(f"{head.get('ETag')}|{head.get('ContentLength')}".encode())
+        return h.hexdigest()
+    for obj in _list(client, bucket, key.rstrip("/") + "/"):
+        h.update(f"{obj['Key']}|{obj.get('ETag')}|{obj.get('Size')}\n".encode())
+    return h.hexdigest()
+
+
+def fetch(uri: str, dest: Path, client: Any = None) -> Path:
+    """Make ``uri`` available on local disk and return its path.
+
+    Local paths and file:// URIs are returned in place (no copy). An s3:// object is downloaded
+    to ``dest/<basename>``; an s3:// prefix (a "directory") to ``dest/<basename>/...``. Downloads
+    land in a temporary name first, so ``dest`` never holds a partial artifact.
+
+    :raises StorageError: nothing exists at ``uri`` or the download fails.
+    """
+    path = local_path(uri)
+    if path is not None:
+        if not path.exists():
+            raise StorageError(f"{uri!r}: no such file or directory")
+        return path
+    bucket, key = parse_s3(uri)
+    client = client or s3_client()
+    name = key.rstrip("/").rsplit("/", 1)[-1] or bucket
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".fetch-{name}-", dir=dest))
+    try:
+        head = _object(client, bucket, key) if key else None
+        if head is not None:
+            client.download_file(bucket, key, str(tmp / name))
+            staged = tmp / name
+        else:
+            prefix = key.rstrip("/") + "/" if key else ""
+            staged = tmp / name
+            staged.mkdir()
+            count = 0
+            for obj in _list(client, bucket, prefix):
+                rel = obj["Key"][len(prefix) :]
+                if not rel or rel.endswith("/"):
+                    continue
+                out = (staged / rel).resolve()
+                if staged.resolve() not in out.parents:
+                    raise StorageError(f"s3://{bucket}/{obj['Key']}: key escapes {uri!r}")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, obj["Key"], str(out))
+                count += 1
+            if count == 0:
+                raise StorageError(f"{uri!r}: no such object or prefix")
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(staged, target)
+        return target
+    except StorageError:
+        raise
+    except Exception as exc:  # botocore errors carry the detail
+        raise StorageError(f"cannot download {uri!r}: {exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(local: Path, uri: str, client: Any = None) -> str:
+    """Copy a local file or directory to ``uri`` (local path, file:// or s3://); return ``uri``.
+
+    Publishing a path onto itself is a no-op, so local runs can write results in place.
+    """
+    local = Path(local)
+    if not local.exists():
+        raise StorageError(f"cannot publish {str(local)!r}: it does not exist")
+    path = local_path(uri)
+    if path is not None:
+        if path.resolve() == local.resolve():
+            return uri
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if local.is_dir():
+            shutil.copytree(local, path, dirs_exist_ok=True)
+        else:
+            shutil.copy2(local, path)
+        return uri
+    bucket, key = parse_s3(uri)
+    client = client or s3_client()
+    try:
+        if local.is_dir():
+            for file in sorted(p for p in local.rglob("*") if p.is_file()):
+                client.upload_file(str(file), bucket, join(key, file.relative_to(local).as_posix()))
+        else:
+            client.upload_file(str(local), bucket, key)
+    except Exception as exc:
+        raise StorageError(f"cannot upload {str(local)!r} to {uri!r}: {exc}") from None
+    return uri
+
+
+def put_bytes(data: bytes, uri: str, client: Any = None) -> str:
+    """Write ``data`` as one object (atomic on S3; tmp + rename locally)."""
+    path = local_path(uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return uri
+    bucket, key = parse_s3(uri)
+    client = client or s3_client()
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/json")
+    except Exception as exc:
+        raise StorageError(f"cannot write {uri!r}: {exc}") from None
+    return uri
+
+
+def get_bytes(uri: str, client: Any = None) -> bytes:
+    """Read one object or file."""
+    path = local_path(uri)
+    if path is not None:
+        return path.read_bytes()
+    bucket, key = parse_s3(uri)
+    client = client or s3_client()
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as exc:
+        raise StorageError(f"cannot read {uri!r}: {exc}") from None
+
+
+__all__ = [
+    "StorageError",
+    "exists",
+    "fetch",
+    "fingerprint",
+    "get_bytes",
+    "is_s3",
+    "join",
+    "parse_s3",
+    "publish",
+    "put_bytes",
+    "s3_client",
+]
