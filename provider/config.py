@@ -1,0 +1,174 @@
+"""The provider's configuration: one typed pydantic model, filled from run.yaml.
+
+llama-stack builds this object from the provider's ``config:`` block in run.yaml, after
+substituting ``${env.NAME:default}``; that substitution is how every field here is overridden from
+the environment. :meth:`KfpTrainerConfig.sample_run_config` yields exactly the block the project's
+run.yaml carries, so the variable names are declared once (a test keeps run.yaml equal to it).
+
+S3 credentials are deliberately not fields: boto3 reads them from its usual chain
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, instance roles), so they never
+appear in ``GET /v1/providers`` or in the server's start-up log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from llama_stack.providers.utils.kvstore.config import KVStoreConfig, SqliteKVStoreConfig
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+DEFAULT_STATE_DIR = "~/.local/share/kfp-trainer"
+MIN_PART_SIZE_MB = 5  # S3's minimum multipart part size (all parts but the last)
+
+
+class S3Config(BaseModel):
+    """Where remote mode stages datasets: ``s3://<bucket>/<prefix>/datasets/<job_uuid>/``."""
+
+    endpoint_url: str = Field(
+        default="", description="S3 endpoint (MinIO, Ceph, ODF); empty means AWS. S3_ENDPOINT_URL"
+    )
+    bucket: str = Field(default="", description="Bucket for datasets and artifacts. S3_BUCKET")
+    prefix: str = Field(
+        default="llama-stack-post-training", description="Key prefix inside the bucket. S3_PREFIX"
+    )
+    region: str = Field(default="", description="Region name; empty: boto3's default. S3_REGION")
+    part_size_mb: int = Field(
+        default=8,
+        ge=MIN_PART_SIZE_MB,
+        description="Multipart upload part size in MiB (S3 minimum 5). KFP_TRAINER_S3_PART_SIZE_MB",
+    )
+
+
+class GpuConfig(BaseModel):
+    """What each training run asks for; local mode trains on this machine's CPU or GPU."""
+
+    use_gpu: bool = Field(default=False, description="Train on GPUs. KFP_TRAINER_USE_GPU")
+    gpu_count: int = Field(
+        default=0, ge=0, le=64, description="GPUs per run. KFP_TRAINER_ACCELERATOR_COUNT"
+    )
+    accelerator_type: str = Field(
+        default="nvidia.com/gpu",
+        description="Kubernetes resource name of the accelerator. KFP_TRAINER_ACCELERATOR_TYPE",
+    )
+
+
+class KfpTrainerConfig(BaseModel):
+    """Configuration of the ``remote::kfp-torchtune`` post_training provider.
+
+    Args:
+        mode: ``local`` runs the handler in this process and trains with KFP's local runner;
+            ``remote`` posts events to a Knative broker and trains on a KFP server.
+        state_dir: provider state, staged datasets (local) and the in-process handler's files.
+        model_store: where ``model`` names resolve to artifacts (a directory or ``s3://...``).
+        broker_url: remote: where ``job.requested``/``job.cancel.requested`` are POSTed.
+        handler_url: remote: the handler's base URL, asked ``GET /jobs/<job_uuid>`` for status.
+    """
+
+    mode: Literal["local", "remote"] = Field(default="local", description="KFP_TRAINER_MODE")
+    state_dir: str = Field(default=DEFAULT_STATE_DIR, description="KFP_TRAINER_STATE_DIR")
+    model_store: str = Field(
+        default="", description="KFP_TRAINER_MODEL_STORE; empty: <state_dir>/models"
+    )
+    source: str = Field(
+        default="/llama-stack/post-training/kfp-torchtune",
+        description="ce-source of the events this provider emits. KFP_TRAINER_PROVIDER_SOURCE",
+    )
+    broker_url: str = Field(default="", description="KFP_TRAINER_BROKER_URL (remote mode)")
+    handler_url: str = Field(default="", description="KFP_TRAINER_HANDLER_URL (remote mode)")
+    delivery_attempts: int = Field(default=5, ge=1, description="KFP_TRAINER_DELIVERY_ATTEMPTS")
+    delivery_backoff_s: float = Field(
+        default=0.5, ge=0, description="First retry delay, doubled. KFP_TRAINER_DELIVERY_BACKOFF_S"
+    )
+    http_timeout_s: float = Field(
+        default=10.0, gt=0, description="Per-request HTTP timeout. KFP_TRAINER_HTTP_TIMEOUT_S"
+    )
+    status_refresh_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="Remote: least seconds between GET /jobs/<id> per job. "
+        "KFP_TRAINER_STATUS_REFRESH_S",
+    )
+    dataset_page_size: int = Field(
+        default=1000, ge=1, description="Rows per datasetio iterrows page. KFP_TRAINER_PAGE_SIZE"
+    )
+    checkpoint_format: Literal["meta", "huggingface"] = Field(
+        default="meta", description="KFP_TRAINER_CHECKPOINT_FORMAT"
+    )
+    base_image: str = Field(
+        default="", description="Training image (remote runs). KFP_TRAINER_BASE_IMAGE"
+    )
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
+    s3: S3Config = Field(default_factory=S3Config)
+    kvstore: KVStoreConfig | None = Field(
+        default=None, description="Provider job state; default sqlite <state_dir>/provider.db"
+    )
+
+    @field_validator("state_dir")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("state_dir must not be empty (KFP_TRAINER_STATE_DIR)")
+        return str(Path(value).expanduser())
+
+    @model_validator(mode="after")
+    def _remote_needs(self) -> Self:
+        if self.mode != "remote":
+            return self
+        missing = [
+            name
+            for name, value in (
+                ("broker_url (KFP_TRAINER_BROKER_URL)", self.broker_url),
+                ("handler_url (KFP_TRAINER_HANDLER_URL)", self.handler_url),
+                ("s3.bucket (S3_BUCKET)", self.s3.bucket),
+            )
+            if not value
+        ]
+        if missing:
+            raise ValueError("mode 'remote' needs " + ", ".join(missing))
+        return self
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def resolved_model_store(self) -> str:
+        return self.model_store or str(self.state_path / "models")
+
+    @property
+    def resolved_kvstore(self) -> KVStoreConfig:
+        return self.kvstore or SqliteKVStoreConfig(db_path=str(self.state_path / "provider.db"))
+
+    @classmethod
+    def sample_run_config(cls, __distro_dir__: str = "", **kwargs: Any) -> dict[str, Any]:
+        """The run.yaml ``config:`` block, every field overridable by an environment variable."""
+        state = "${env.KFP_TRAINER_STATE_DIR:" + DEFAULT_STATE_DIR + "}"
+        return {
+            "mode": "${env.KFP_TRAINER_MODE:local}",
+            "state_dir": state,
+            "model_store": "${env.KFP_TRAINER_MODEL_STORE:}",
+            "source": "${env.KFP_TRAINER_PROVIDER_SOURCE:/llama-stack/post-training/kfp-torchtune}",
+            "broker_url": "${env.KFP_TRAINER_BROKER_URL:}",
+            "handler_url": "${env.KFP_TRAINER_HANDLER_URL:}",
+            "delivery_attempts": "${env.KFP_TRAINER_DELIVERY_ATTEMPTS:5}",
+            "delivery_backoff_s": "${env.KFP_TRAINER_DELIVERY_BACKOFF_S:0.5}",
+            "http_timeout_s": "${env.KFP_TRAINER_HTTP_TIMEOUT_S:10}",
+            "status_refresh_s": "${env.KFP_TRAINER_STATUS_REFRESH_S:2}",
+            "dataset_page_size": "${env.KFP_TRAINER_PAGE_SIZE:1000}",
+            "checkpoint_format": "${env.KFP_TRAINER_CHECKPOINT_FORMAT:meta}",
+            "base_image": "${env.KFP_TRAINER_BASE_IMAGE:}",
+            "gpu": {
+                "use_gpu": "${env.KFP_TRAINER_USE_GPU:false}",
+                "gpu_count": "${env.KFP_TRAINER_ACCELERATOR_COUNT:0}",
+                "accelerator_type": "${env.KFP_TRAINER_ACCELERATOR_TYPE:nvidia.com/gpu}",
+            },
+            "s3": {
+                "endpoint_url": "${env.S3_ENDPOINT_URL:}",
+                "bucket": "${env.S3_BUCKET:}",
+                "prefix": "${env.S3_PREFIX:llama-stack-post-training}",
+                "region": "${env.S3_REGION:}",
+                "part_size_mb": "${env.KFP_TRAINER_S3_PART_SIZE_MB:8}",
+            },
+            "kvstore": {"type": "sqlite", "db_path": state + "/provider.db"},
+        }

@@ -1,0 +1,296 @@
+"""The post_training API of ``remote::kfp-torchtune``: each call becomes or reads a CloudEvent.
+
+``supervised_fine_tune`` validates, stages the datasets as JSONL, emits ``job.requested`` and
+returns; training happens in the pipeline. Status, artifacts and the job list answer from the
+provider's :class:`~provider.state.JobStore`, which the handler's events keep current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from llama_stack.apis.datasetio import DatasetIO
+from llama_stack.apis.datasets import Datasets
+from llama_stack.apis.post_training import (
+    Checkpoint,
+    DPOAlignmentConfig,
+    ListPostTrainingJobsResponse,
+    PostTrainingJob,
+    PostTrainingJobArtifactsResponse,
+    PostTrainingJobStatusResponse,
+    TrainingConfig,
+)
+from llama_stack.apis.post_training.post_training import AlgorithmConfig
+
+from provider.config import KfpTrainerConfig
+from provider.request import ADAPTER, build_request
+from provider.staging import FileSink, Sink, StagedDataset, stage_dataset
+from provider.state import JobStore, is_terminal, now_iso, to_job_status
+from provider.transport import DeliveryFailed, Transport, make_transport
+
+log = logging.getLogger("provider.impl")
+
+
+class JobNotFound(ValueError):
+    """No job with this uuid was ever submitted here (llama-stack answers 400 for ValueError)."""
+
+
+class KfpJobStatusResponse(PostTrainingJobStatusResponse):
+    """llama-stack's status plus what a waiting client wants: progress and the failure reason.
+
+    The extra fields ride along in the JSON; the client SDK keeps unknown fields.
+    """
+
+    progress: dict[str, Any] | None = None
+    error: str | None = None
+    dataset_rows: int | None = None
+
+
+def to_checkpoint(value: dict[str, Any]) -> Checkpoint:
+    """A pipeline checkpoint dict as llama-stack's ``Checkpoint``.
+
+    llama-stack's metric type needs every number; without a validation dataset the pipeline
+    has no validation loss, so the metrics are left out rather than invented.
+    """
+    metrics = value.get("training_metrics") or None
+    needed = ("epoch", "train_loss", "validation_loss", "perplexity")
+    if metrics and any(metrics.get(k) is None for k in needed):
+        metrics = None
+    return Checkpoint(
+        identifier=value["identifier"],
+        created_at=value["created_at"],
+        epoch=value["epoch"],
+        post_training_job_id=value["post_training_job_id"],
+        path=value["path"],
+        training_metrics=metrics,
+    )
+
+
+class KfpTrainerPostTraining:
+    """One instance per ``llama stack run``; built by :func:`provider.get_adapter_impl`."""
+
+    def __init__(self, config: KfpTrainerConfig, datasetio: DatasetIO, datasets: Datasets) -> None:
+        self.config = config
+        self.datasetio_api = datasetio
+        self.datasets_api = datasets
+        self._store = JobStore(config.resolved_kvstore)
+        self._transport: Transport = make_transport(config)
+        self._refreshed: dict[str, float] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def initialize(self) -> None:
+        """Open the job store, start the transport, catch up on jobs that moved while down."""
+        self.config.state_path.mkdir(parents=True, exist_ok=True)
+        self._store.start()
+        self._transport.start(self._on_update)
+        log.info(
+            "kfp-torchtune provider ready",
+            extra={"mode": self.config.mode, "state_dir": self.config.state_dir},
+        )
+        await self._reconcile()
+
+    async def shutdown(self) -> None:
+        self._transport.stop()
+        self._store.stop()
+
+    def _on_update(self, update: dict[str, Any]) -> None:
+        """Called from the transport's threads for every status event."""
+        self._store.apply_soon(update)
+
+    async def _reconcile(self) -> None:
+        """Ask the handler about every job this copy thinks is still running."""
+        for record in await self._store.all():
+            if not is_terminal(record):
+                await self._refresh(record["job_uuid"], force=True)
+
+    async def _refresh(self, job_uuid: str, *, force: bool = False) -> None:
+        """Fold the handler's current view of a job into the store (throttled)."""
+        last = self._refreshed.get(job_uuid, 0.0)
+        if not force and time.monotonic() - last < self.config.status_refresh_s:
+            return
+        self._refreshed[job_uuid] = time.monotonic()
+        try:
+            view = await asyncio.to_thread(self._transport.job, job_uuid)
+        except DeliveryFailed as exc:
+            log.warning("status refresh failed", extra={"job_uuid": job_uuid, "error": str(exc)})
+            return
+        if view is not None:
+            await self._store.apply(view)
+
+    # -- supervised_fine_tune ----------------------------------------------------------------
+
+    async def supervised_fine_tune(
+        self,
+        job_uuid: str,
+        training_config: TrainingConfig,
+        hyperparam_search_config: dict[str, Any],
+        logger_config: dict[str, Any],
+        model: str | None = None,
+        checkpoint_dir: str | None = None,
+        algorithm_config: AlgorithmConfig | None = None,
+    ) -> PostTrainingJob:
+        from handler.contract import JOB_REQUESTED, make_event
+
+        request = build_request(
+            self.config,
+            job_uuid=job_uuid,
+            model=model,
+            training_config=training_config,
+            algorithm_config=algorithm_config,
+            hyperparam_search_config=hyperparam_search_config,
+            logger_config=logger_config,
+            checkpoint_dir=checkpoint_dir,
+        )
+        data_config = training_config.data_config
+        assert data_config is not None  # build_request checked it
+        await self._require_dataset(data_config.dataset_id, "dataset_id")
+        if data_config.validation_dataset_id:
+            await self._require_dataset(data_config.validation_dataset_id, "validation_dataset_id")
+
+        record = {
+            "job_uuid": job_uuid,
+            "status": "scheduled",
+            "requested_at": now_iso(),
+            "model": model,
+            "dataset_id": data_config.dataset_id,
+            "validation_dataset_id": data_config.validation_dataset_id,
+        }
+        if not await self._store.create(record):
+            raise ValueError(
+                f"job_uuid {job_uuid!r} is already used by another job; pick a new one"
+            )
+        try:
+            fmt = data_config.data_format.value
+            train = await self._stage(data_config.dataset_id, job_uuid, "train", fmt)
+            request["dataset"] = train.ref()
+            extra: dict[str, Any] = {"dataset": train.ref()}
+            if data_config.validation_dataset_id:
+                val = await self._stage(
+                    data_config.validation_dataset_id, job_uuid, "validation", fmt
+                )
+                request["validation_dataset"] = val.ref()
+                extra["validation_dataset"] = val.ref()
+            event = make_event(JOB_REQUESTED, self.config.source, request)
+            updates = await asyncio.to_thread(self._transport.send, event)
+        except BaseException:
+            await self._store.delete(job_uuid)
+            raise
+        await self._store.apply({"job_uuid": job_uuid, "status": "scheduled"}, extra)
+        for update in updates:
+            await self._store.apply(update)
+        log.info("job requested", extra={"job_uuid": job_uuid, "rows": train.rows})
+        return PostTrainingJob(job_uuid=job_uuid)
+
+    async def _require_dataset(self, dataset_id: str, field: str) -> None:
+        try:
+            await self.datasets_api.get_dataset(dataset_id)
+        except ValueError:
+            raise ValueError(
+                f"training_config.data_config.{field}: dataset {dataset_id!r} is not registered; "
+                "register it first (client.datasets.register)"
+            ) from None
+
+    def _sink(self, job_uuid: str, name: str) -> Sink:
+        if self.config.mode == "remote":
+            from provider.s3stage import S3MultipartSink, dataset_key, s3_client
+
+            s3 = self.config.s3
+            return S3MultipartSink(
+                s3_client(s3),
+                s3.bucket,
+                dataset_key(s3, job_uuid, name),
+                s3.part_size_mb * 1024 * 1024,
+            )
+        return FileSink(self.config.state_path / "datasets" / job_uuid / f"{name}.jsonl")
+
+    async def _stage(self, dataset_id: str, job_uuid: str, name: str, fmt: str) -> StagedDataset:
+        sink = await asyncio.to_thread(self._sink, job_uuid, name)
+        return await stage_dataset(
+            self.datasetio_api,
+            dataset_id,
+            sink,
+            data_format=fmt,
+            page_size=self.config.dataset_page_size,
+        )
+
+    async def preference_optimize(
+        self,
+        job_uuid: str,
+        finetuned_model: str,
+        algorithm_config: DPOAlignmentConfig,
+        training_config: TrainingConfig,
+        hyperparam_search_config: dict[str, Any],
+        logger_config: dict[str, Any],
+    ) -> PostTrainingJob:
+        raise NotImplementedError(
+            f"preference_optimize (DPO) is not supported by {ADAPTER}; "
+            "use supervised_fine_tune with a LoRA algorithm_config"
+        )
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def _record(self, job_uuid: str) -> dict[str, Any]:
+        record = await self._store.get(job_uuid)
+        if record is None:
+            raise JobNotFound(
+                f"job {job_uuid!r} not found; GET /v1/post-training/jobs lists the known jobs"
+            )
+        if self._transport.polls and not is_terminal(record):
+            await self._refresh(job_uuid)
+            record = await self._store.get(job_uuid) or record
+        return record
+
+    async def get_training_jobs(self) -> ListPostTrainingJobsResponse:
+        records = await self._store.all()
+        return ListPostTrainingJobsResponse(
+            data=[PostTrainingJob(job_uuid=r["job_uuid"]) for r in records]
+        )
+
+    async def get_training_job_status(self, job_uuid: str) -> KfpJobStatusResponse:
+        record = await self._record(job_uuid)
+        return KfpJobStatusResponse(
+            job_uuid=job_uuid,
+            status=to_job_status(record["status"]),
+            scheduled_at=record.get("scheduled_at") or record.get("requested_at"),
+            started_at=record.get("started_at"),
+            completed_at=record.get("completed_at"),
+            resources_allocated=record.get("resources_allocated"),
+            checkpoints=[to_checkpoint(c) for c in record.get("checkpoints") or []],
+            progress=record.get("progress"),
+            error=record.get("error"),
+            dataset_rows=record.get("dataset_rows"),
+        )
+
+    async def get_training_job_artifacts(self, job_uuid: str) -> PostTrainingJobArtifactsResponse:
+        record = await self._record(job_uuid)
+        return PostTrainingJobArtifactsResponse(
+            job_uuid=job_uuid,
+            checkpoints=[to_checkpoint(c) for c in record.get("checkpoints") or []],
+        )
+
+    async def cancel_training_job(self, job_uuid: str) -> None:
+        """Emit ``job.cancel.requested``; the job turns ``cancelled`` when the handler says so."""
+        from handler.contract import JOB_CANCEL_REQUESTED, make_event
+
+        record = await self._record(job_uuid)
+        if is_terminal(record):
+            log.info("cancel of a finished job ignored", extra={"job_uuid": job_uuid})
+            return None
+        event = make_event(
+            JOB_CANCEL_REQUESTED,
+            self.config.source,
+            {"job_uuid": job_uuid},
+            time=datetime.now(UTC),
+        )
+        for update in await asyncio.to_thread(self._transport.send, event):
+            await self._store.apply(update)
+        await self._store.apply(
+            {"job_uuid": job_uuid, "status": record["status"]},
+            {"cancel_requested_at": now_iso()},
+        )
+        return None
