@@ -1,0 +1,160 @@
+"""handler.remote.kfp against the stand-in over HTTP: auth sources, 401 rebuild, outages, DSPA."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from handler.backends.base import BackendUnavailable
+from handler.remote.auth import TokenError, read_token
+from handler.remote.discovery import DiscoveryError, discover_host
+from handler.remote.kfp import KfpAuthError, KfpClient, KfpNotFound
+from handler.settings import RemoteSettings
+from tests.kfp_standin import KfpStandin
+from tests.remote.kube_api import KubeApi
+
+
+@pytest.fixture
+def standin(tmp_path: Path):
+    with KfpStandin(token="first-token", work_dir=tmp_path / "standin") as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def no_cluster(monkeypatch, tmp_path):
+    """No in-cluster config and an empty kubeconfig unless a test points KUBECONFIG somewhere."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+
+
+def statuses(standin: KfpStandin) -> list[int]:
+    return [status for _, _, status in standin.requests]
+
+
+def test_static_token_experiment_created_once_and_cached(standin):
+    client = KfpClient(RemoteSettings(kfp_host=standin.url, kfp_token="first-token"))
+    assert client.healthz()["multi_user"] is False
+    exp = client.experiment_id("llama-stack-post-training")
+    assert client.experiment_id("llama-stack-post-training") == exp
+    other = KfpClient(RemoteSettings(kfp_host=standin.url, kfp_token="first-token"))
+    assert other.experiment_id("llama-stack-post-training") == exp  # found, not re-created
+    created = [p for m, p, s in standin.requests if m == "POST" and p.endswith("/experiments")]
+    assert len(created) == 1
+    assert client.runs_named(exp, "job-x") == []
+
+
+def test_401_rebuilds_with_fresh_service_account_token(standin, tmp_path, caplog):
+    token_file = tmp_path / "token"
+    token_file.write_text("first-token\n")
+    client = KfpClient(RemoteSettings(kfp_host=standin.url, sa_token_path=str(token_file)))
+    client.healthz()
+    standin.set_token("second-token")  # the kubelet rotated the projected token
+    token_file.write_text("second-token\n")
+    caplog.set_level(logging.INFO, logger="handler")
+    exp = client.experiment_id("e")
+    assert exp
+    # healthz ok; (rotation) healthz 401, rebuilt, healthz ok; list and create experiment ok
+    assert statuses(standin) == [200, 401, 200, 200, 200]
+    assert "rebuilding the client" in caplog.text
+    assert "second-token" not in caplog.text and "first-token" not in caplog.text
+
+
+def test_401_with_a_token_that_stays_wrong_is_a_clear_error(standin, caplog):
+    client = KfpClient(RemoteSettings(kfp_host=standin.url, kfp_token="not-the-token"))
+    caplog.set_level(logging.DEBUG, logger="handler")
+    with pytest.raises(KfpAuthError) as err:
+        client.healthz()
+    message = str(err.value)
+    assert "rejected the token from KFP_TOKEN (HTTP 401)" in message
+    assert standin.url in message
+    assert "not-the-token" not in message and "not-the-token" not in caplog.text
+    assert isinstance(err.value, BackendUnavailable)  # answered 503: nothing lost
+    assert statuses(standin) == [401, 401]  # one rebuild and one retry, no more
+
+
+def test_recovers_once_the_token_source_is_fixed(standin, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("stale")
+    client = KfpClient(RemoteSettings(kfp_host=standin.url, sa_token_path=str(token_file)))
+    with pytest.raises(KfpAuthError, match="service-account token file"):
+        client.healthz()
+    token_file.write_text("first-token")
+    assert client.healthz()["multi_user"] is False
+
+
+def test_unreachable_is_backend_unavailable_quickly_then_recovers(standin):
+    client = KfpClient(RemoteSettings(kfp_host=standin.url, kfp_token="first-token"))
+    exp = client.experiment_id("e")
+    standin.stop()
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match="is unreachable") as err:
+        client.runs_named(exp, "job-1")
+    assert time.monotonic() - started < 10
+    assert standin.url in str(err.value)
+    standin.start()
+    assert client.runs_named(exp, "job-1") == []
+
+
+def test_not_found_run(standin):
+    client = KfpClient(RemoteSettings(kfp_host=standin.url, kfp_token="first-token"))
+    with pytest.raises(KfpNotFound, match="Run nope not found"):
+        client.get_run("nope")
+
+
+def test_token_sources_in_order(tmp_path, monkeypatch):
+    api = KubeApi(token="kube-token")
+    try:
+        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
+        token_file = tmp_path / "sa"
+        token_file.write_text("sa-token\n")
+        assert read_token(RemoteSettings(kfp_token="static")).value == "static"
+        from_file = read_token(RemoteSettings(sa_token_path=str(token_file)))
+        assert (from_file.value, "sa-token" in repr(from_file)) == ("sa-token", False)
+        assert read_token(RemoteSettings()).source == "kubeconfig"
+        assert read_token(RemoteSettings()).value == "kube-token"
+        monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+        assert read_token(RemoteSettings()).source == "none"
+        token_file.write_text("")
+        with pytest.raises(TokenError, match="is empty"):
+            read_token(RemoteSettings(sa_token_path=str(token_file)))
+        with pytest.raises(TokenError, match="KF_PIPELINES_SA_TOKEN_PATH"):
+            read_token(RemoteSettings(sa_token_path=str(tmp_path / "absent")))
+    finally:
+        api.close()
+
+
+def test_host_discovered_from_dspa_with_kubeconfig_token(standin, tmp_path, monkeypatch):
+    api = KubeApi(token="first-token")  # `oc login`: one token for the cluster and the route
+    try:
+        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
+        api.add_dspa("team-a", "dspa", standin.url)
+        assert discover_host("team-a", "dspa") == standin.url
+        client = KfpClient(RemoteSettings(dspa_name="dspa", kfp_namespace="team-a"))
+        assert client.host == standin.url
+        assert client.healthz()["multi_user"] is False
+        assert api.seen_auth[-1] == "Bearer first-token"
+        with pytest.raises(DiscoveryError, match="'other' in namespace 'team-a' not found"):
+            discover_host("team-a", "other")
+        api.add_dspa("team-a", "starting", None)
+        with pytest.raises(DiscoveryError, match="no status.components.apiServer.externalUrl"):
+            discover_host("team-a", "starting")
+    finally:
+        api.close()
+
+
+def test_dspa_v1alpha1_is_found_too(tmp_path, monkeypatch):
+    api = KubeApi(token="k", version="v1alpha1")
+    try:
+        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
+        api.add_dspa("ns", "old", "https://ds-pipeline-old.apps.example")
+        assert discover_host("ns", "old") == "https://ds-pipeline-old.apps.example"
+    finally:
+        api.close()
+
+
+def test_no_kubernetes_credentials_says_set_kfp_host():
+    with pytest.raises(DiscoveryError, match="set KFP_HOST"):
+        discover_host("ns", "dspa")
