@@ -1,0 +1,43 @@
+"""The event handler: a Flask app that turns request CloudEvents into pipeline runs.
+
+This package exposes only :func:`create_app`; importing it builds nothing (no app, no store, no
+threads). gunicorn calls the factory per worker (``handler:create_app()``); tests call it with
+their own settings; the provider uses ``handler.service.create_service`` without Flask.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from handler.settings import HandlerSettings
+
+EXTENSION = "kfp_trainer"
+
+
+def create_app(settings: HandlerSettings | None = None) -> Flask:
+    """Build the Flask app: one service (store, backend, threads) per app, blueprints on top.
+
+    :param settings: defaults to ``HandlerSettings.from_env()`` (read once, here, at the edge).
+    The service's threads start on the first request, or at once under gunicorn
+    (``post_worker_init`` in handler/gunicorn_conf.py); ``app.extensions["kfp_trainer"]`` is it.
+    """
+    from flask import Flask
+
+    from handler import errors, events, logs, status
+    from handler.service import create_service
+    from handler.settings import HandlerSettings
+
+    settings = settings or HandlerSettings.from_env()
+    logs.configure(settings.log_level)
+    app = Flask(__name__)
+    app.config.update(KFP_TRAINER_SETTINGS=settings, JSON_SORT_KEYS=False)
+    service = create_service(settings)
+    app.extensions[EXTENSION] = service
+    app.before_request(service.start_once)
+    errors.init_app(app)
+    app.register_blueprint(events.bp)
+    app.register_blueprint(status.bp)
+    return app

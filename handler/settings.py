@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pipelines.settings import PipelineSettings
+
 Mode = Literal["local", "remote"]
 
 DEFAULT_STATE_DIR = Path.home() / ".local" / "share" / "kfp-trainer"
@@ -110,7 +112,14 @@ class HandlerSettings:
     delivery_backoff_max_s: float = 30.0  # KFP_TRAINER_DELIVERY_BACKOFF_MAX_S
     retry_after_s: int = 5  # KFP_TRAINER_RETRY_AFTER_S: Retry-After on 503
     log_level: str = "INFO"  # KFP_TRAINER_LOG_LEVEL
+    # KFP_TRAINER_BACKEND: a key of handler.backends.BACKENDS or "module:Class"; empty: the mode.
+    backend: str = ""
+    db_busy_timeout_s: float = (
+        5.0  # KFP_TRAINER_DB_BUSY_TIMEOUT_S: wait on a locked store, then 503
+    )
     remote: RemoteSettings = field(default_factory=RemoteSettings)
+    # The pipeline's own settings (pipelines/settings.py), read from the same environment.
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
 
     @property
     def database(self) -> Path:
@@ -157,7 +166,10 @@ class HandlerSettings:
             ),
             retry_after_s=_int(env, "KFP_TRAINER_RETRY_AFTER_S", cls.retry_after_s, 1),
             log_level=env.get("KFP_TRAINER_LOG_LEVEL", cls.log_level).upper(),
+            backend=env.get("KFP_TRAINER_BACKEND", ""),
+            db_busy_timeout_s=_float(env, "KFP_TRAINER_DB_BUSY_TIMEOUT_S", cls.db_busy_timeout_s),
             remote=RemoteSettings.from_env(env),
+            pipeline=PipelineSettings.from_env(env),
         )
 
 
@@ -179,6 +191,8 @@ ENV_VARS = (
     "KFP_TRAINER_DELIVERY_BACKOFF_MAX_S",
     "KFP_TRAINER_RETRY_AFTER_S",
     "KFP_TRAINER_LOG_LEVEL",
+    "KFP_TRAINER_BACKEND",
+    "KFP_TRAINER_DB_BUSY_TIMEOUT_S",
     "KFP_HOST",
     "KFP_NAMESPACE",
     "KFP_EXPERIMENT",

@@ -1,0 +1,38 @@
+"""The ingest blueprint: ``POST /`` hands the raw HTTP message to the service, nothing more.
+
+Flask supplies headers and body; decoding, validation and the answer are the service's
+(``HandlerService.handle``), so the in-process path and the HTTP path cannot drift apart. The
+only check here is the one that must happen before the body is read: its declared size.
+"""
+
+from __future__ import annotations
+
+from cloudevents.core.bindings.http import HTTPMessage
+from flask import Blueprint, Response, current_app, request
+
+from handler import EXTENSION
+from handler.errors import PayloadTooLarge, error_reply
+from handler.ingress import check_size
+from handler.reply import Reply
+from handler.service import HandlerService
+
+bp = Blueprint("events", __name__)
+
+
+def _response(reply: Reply) -> Response:
+    return Response(reply.body, status=reply.status, headers=reply.headers)
+
+
+@bp.post("/")
+def receive() -> Response:
+    service: HandlerService = current_app.extensions[EXTENSION]
+    limit = service.settings.max_body_bytes
+    try:
+        if request.content_length is not None:
+            check_size(request.content_length, limit)
+        body = request.stream.read(limit + 1)  # one byte over is enough to know
+        check_size(len(body), limit)
+    except PayloadTooLarge as exc:
+        return _response(error_reply(exc))
+    message = HTTPMessage(headers=dict(request.headers.items()), body=body)
+    return _response(service.handle(message))

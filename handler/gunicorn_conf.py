@@ -1,0 +1,80 @@
+"""gunicorn configuration for the handler: ``gunicorn -c handler/gunicorn_conf.py``.
+
+Everything comes from the environment, as Knative provides it: ``PORT`` (default 8080; or a
+full ``GUNICORN_BIND`` such as ``127.0.0.1:9000`` or ``fd://3``), ``GUNICORN_WORKERS`` (default
+2), ``GUNICORN_THREADS`` (default 1: sync workers; more selects the gthread worker),
+``GUNICORN_TIMEOUT`` and ``GUNICORN_GRACEFUL_TIMEOUT``. The app is built per worker by the
+factory (no preload), so each worker has its own store connections and threads; the hooks
+below start those threads as soon as the worker boots (queued jobs continue after a restart
+without waiting for a request) and stop them on SIGTERM. Logs, access log included, are JSON
+lines on stdout.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def _int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SystemExit(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+wsgi_app = "handler:create_app()"
+bind = [os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{_int('PORT', 8080)}"]
+workers = _int("GUNICORN_WORKERS", 2)
+threads = _int("GUNICORN_THREADS", 1)
+timeout = _int("GUNICORN_TIMEOUT", 60)
+graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 20)
+keepalive = 5
+preload_app = False
+control_socket_disable = True  # gunicorn >= 24's admin socket: one fixed path per user, unused
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("KFP_TRAINER_LOG_LEVEL", "info").lower()
+
+logconfig_dict: dict[str, Any] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "handler.logs.JsonFormatter"}},
+    "handlers": {
+        "stdout": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "stream": "ext://sys.stdout",
+        }
+    },
+    "root": {"handlers": ["stdout"], "level": "INFO"},
+    "loggers": {
+        "gunicorn.error": {"handlers": ["stdout"], "level": loglevel.upper(), "propagate": False},
+        "gunicorn.access": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
+    },
+}
+
+
+def _service(worker: Any) -> Any:
+    app = getattr(worker, "wsgi", None)
+    return getattr(app, "extensions", {}).get("kfp_trainer")
+
+
+def post_worker_init(worker: Any) -> None:
+    """Start this worker's dispatcher and outbox threads now, not on the first request."""
+    service = _service(worker)
+    if service is not None:
+        service.start_once()
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Stop the threads and hand this worker's running jobs back for adoption."""
+    service = _service(worker)
+    if service is not None:
+        service.stop(timeout=max(1.0, graceful_timeout - 2))

@@ -1,0 +1,557 @@
+"""The job store: jobs and the outbox of emitted events in one SQLite file.
+
+SQLite in WAL mode is the system of record in local mode and the work queue in both modes. Every
+gunicorn worker process opens the same file; writes that decide something (claiming a job,
+changing its state, emitting an event) run in ``BEGIN IMMEDIATE`` transactions, so N processes
+claim jobs in order, respect the concurrency limit and emit each event once. A state change and
+the event that announces it are written in the same transaction: no event without its state, and
+no state without its event.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from cloudevents.core.base import BaseCloudEvent
+
+from handler.contract import JobStatus, event_to_dict
+
+QUEUED: Final = "queued"
+STARTING: Final = "starting"  # claimed by a worker, submit in flight
+RUNNING: Final = "running"
+ACTIVE: Final = (STARTING, RUNNING)
+TERMINAL: Final = ("completed", "failed", "cancelled")
+
+_STATUS: Final[dict[str, JobStatus]] = {
+    QUEUED: JobStatus.scheduled,
+    STARTING: JobStatus.scheduled,
+    RUNNING: JobStatus.in_progress,
+    "completed": JobStatus.completed,
+    "failed": JobStatus.failed,
+    "cancelled": JobStatus.cancelled,
+}
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_uuid TEXT NOT NULL UNIQUE,
+    digest TEXT NOT NULL,
+    request TEXT NOT NULL,
+    state TEXT NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    run_id TEXT,
+    owner TEXT,
+    scheduled_at TEXT NOT NULL,
+    started_at TEXT,
+    completed_at TEXT,
+    progress TEXT,
+    progress_emitted_at REAL,
+    progress_emitted_step INTEGER,
+    result TEXT,
+    error TEXT,
+    backend_state TEXT,
+    submit_attempts INTEGER NOT NULL DEFAULT 0,
+    next_submit_at REAL NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    job_uuid TEXT NOT NULL,
+    type TEXT NOT NULL,
+    event TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    sink_done INTEGER NOT NULL DEFAULT 0,
+    local_done INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_until REAL NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sink_done, local_done, seq);
+"""
+
+
+class StoreUnavailable(RuntimeError):
+    """The database cannot be read or written right now (locked, disk, permissions): 503."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of ``jobs``, decoded."""
+
+    seq: int
+    job_uuid: str
+    digest: str
+    request: dict[str, Any]
+    state: str
+    cancel_requested: bool
+    run_id: str | None
+    owner: str | None
+    scheduled_at: str
+    started_at: str | None
+    completed_at: str | None
+    progress: dict[str, Any] | None
+    progress_emitted_at: float | None
+    progress_emitted_step: int | None
+    result: dict[str, Any]
+    error: str | None
+    submit_attempts: int
+    next_submit_at: float
+
+    @property
+    def status(self) -> JobStatus:
+        return _STATUS[self.state]
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def to_status(self) -> dict[str, Any]:
+        """The job.status.json shape: what GET /jobs answers and every emitted event carries."""
+        data: dict[str, Any] = {
+            "job_uuid": self.job_uuid,
+            "status": self.status.value,
+            "run_id": self.run_id,
+            "scheduled_at": self.scheduled_at,
+            "started_at": self.started_at,
+            "completed_at": self.completed_at,
+            "progress": self.progress,
+            "checkpoints": list(self.result.get("checkpoints") or []),
+            "resources_allocated": self.result.get("resources_allocated"),
+            "dataset_rows": self.result.get("dataset_rows"),
+            "error": self.error,
+        }
+        return data
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One undelivered emitted event, leased to the worker delivering it."""
+
+    seq: int
+    event_id: str
+    job_uuid: str
+    type: str
+    event: dict[str, Any]
+    sink_done: bool
+    local_done: bool
+    attempts: int
+
+
+class _Conns(threading.local):
+    conn: sqlite3.Connection | None = None
+
+
+def _loads(text: str | None) -> Any:
+    return json.loads(text) if text else None
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        seq=row["seq"],
+        job_uuid=row["job_uuid"],
+        digest=row["digest"],
+        request=json.loads(row["request"]),
+        state=row["state"],
+        cancel_requested=bool(row["cancel_requested"]),
+        run_id=row["run_id"],
+        owner=row["owner"],
+        scheduled_at=row["scheduled_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        progress=_loads(row["progress"]),
+        progress_emitted_at=row["progress_emitted_at"],
+        progress_emitted_step=row["progress_emitted_step"],
+        result=_loads(row["result"]) or {},
+        error=row["error"],
+        submit_attempts=row["submit_attempts"],
+        next_submit_at=row["next_submit_at"],
+    )
+
+
+# Columns a state change may set, and how each is encoded.
+_JSON_COLUMNS: Final = ("progress", "result", "backend_state")
+_SETTABLE: Final = frozenset(
+    {
+        "state",
+        "cancel_requested",
+        "run_id",
+        "owner",
+        "started_at",
+        "completed_at",
+        "progress",
+        "progress_emitted_at",
+        "progress_emitted_step",
+        "result",
+        "error",
+        "submit_attempts",
+        "next_submit_at",
+    }
+)
+
+
+class JobStore:
+    """Jobs and outbox in one SQLite file; safe across threads and processes.
+
+    Each thread gets its own connection (opened on first use, so constructing a store does no
+    I/O). Every ``sqlite3`` failure surfaces as :class:`StoreUnavailable`.
+    """
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self._local = _Conns()
+        self._lock = threading.Lock()
+        self._opened: list[sqlite3.Connection] = []
+        self._schema_ready = False
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = self._local.conn
+        if conn is not None:
+            return conn
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            with self._lock:
+                if not self._schema_ready:
+                    conn.executescript(_SCHEMA)
+                    self._schema_ready = True
+                self._opened.append(conn)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"job store {self.path} cannot be opened: {exc}") from exc
+        self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close every connection this store opened (call once its threads have stopped)."""
+        with self._lock:
+            for conn in self._opened:
+                with suppress(sqlite3.Error):
+                    conn.close()
+            self._opened.clear()
+        self._local = _Conns()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the database lock up front (no upgrade deadlocks)."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"job store {self.path} is not writable now: {exc}") from exc
+        try:
+            yield conn
+        except BaseException as exc:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreUnavailable(f"job store {self.path} failed a write: {exc}") from exc
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise StoreUnavailable(f"job store {self.path} could not commit: {exc}") from exc
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._conn().execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"job store {self.path} cannot be read: {exc}") from exc
+
+    def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the store can be read (backs /readyz)."""
+        self._read("SELECT 1 FROM jobs LIMIT 1")
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def insert_job(
+        self,
+        *,
+        job_uuid: str,
+        digest: str,
+        request: dict[str, Any],
+        scheduled_at: str,
+        event: Callable[[Job], BaseCloudEvent],
+    ) -> tuple[Job, bool]:
+        """Queue a job and its job.scheduled event, or return the job already stored.
+
+        The scheduled event travels as the HTTP reply, so its outbox row is born sink-delivered
+        and only in-process subscribers still get it from the outbox.
+
+        :return: (job, created)
+        """
+        with self._tx() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job_uuid,)).fetchone()
+            if row is not None:
+                return _job(row), False
+            conn.execute(
+                "INSERT INTO jobs (job_uuid, digest, request, state, scheduled_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (job_uuid, digest, _dumps(request), QUEUED, scheduled_at, time.time()),
+            )
+            job = _job(
+                conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job_uuid,)).fetchone()
+            )
+            self._add_event(conn, event(job), sink_done=True)
+            return job, True
+
+    def job(self, job_uuid: str) -> Job | None:
+        rows = self._read("SELECT * FROM jobs WHERE job_uuid = ?", (job_uuid,))
+        return _job(rows[0]) if rows else None
+
+    def jobs(self, states: tuple[str, ...] | None = None) -> list[Job]:
+        """All jobs (or those in ``states``), oldest first."""
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = self._read(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq", states)
+        else:
+            rows = self._read("SELECT * FROM jobs ORDER BY seq")
+        return [_job(r) for r in rows]
+
+    def request(self, job_uuid: str) -> dict[str, Any]:
+        job = self.job(job_uuid)
+        if job is None:
+            raise KeyError(job_uuid)
+        return job.request
+
+    def backend_state(self, job_uuid: str) -> dict[str, Any]:
+        rows = self._read("SELECT backend_state FROM jobs WHERE job_uuid = ?", (job_uuid,))
+        return (_loads(rows[0]["backend_state"]) or {}) if rows else {}
+
+    def set_backend_state(self, job_uuid: str, state: dict[str, Any]) -> None:
+        """Merge ``state`` into the backend's private per-job state."""
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT backend_state FROM jobs WHERE job_uuid = ?", (job_uuid,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(job_uuid)
+            merged = {**(_loads(row["backend_state"]) or {}), **state}
+            conn.execute(
+                "UPDATE jobs SET backend_state = ?, updated_at = ? WHERE job_uuid = ?",
+                (_dumps(merged), time.time(), job_uuid),
+            )
+
+    def update(
+        self,
+        job_uuid: str,
+        *,
+        when: Callable[[Job], bool],
+        change: Callable[[Job], dict[str, Any]],
+        emit: Callable[[Job], BaseCloudEvent | None] | None = None,
+    ) -> Job | None:
+        """The one way a job changes: atomically, if ``when(job)``; plus the event announcing it.
+
+        :param when: checked on the current row inside the transaction; False: nothing happens.
+        :param change: the columns to set, computed from the current row.
+        :param emit: builds the event from the updated row; it joins the outbox in the same
+            transaction (an event id already in the outbox is not added twice).
+        :return: the updated job, or None when ``when`` said no or the job does not exist.
+        """
+        with self._tx() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job_uuid,)).fetchone()
+            if row is None or not when(_job(row)):
+                return None
+            fields = change(_job(row))
+            unknown = set(fields) - _SETTABLE
+            if unknown:
+                raise ValueError(f"cannot set job columns {sorted(unknown)}")
+            if fields:
+                cols = ", ".join(f"{k} = ?" for k in fields)
+                values = [
+                    _dumps(v) if k in _JSON_COLUMNS and v is not None else v
+                    for k, v in fields.items()
+                ]
+                conn.execute(
+                    f"UPDATE jobs SET {cols}, updated_at = ? WHERE job_uuid = ?",
+                    (*values, time.time(), job_uuid),
+                )
+            job = _job(
+                conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job_uuid,)).fetchone()
+            )
+            if emit is not None:
+                event = emit(job)
+                if event is not None:
+                    self._add_event(conn, event)
+            return job
+
+    def claim_next(self, owner: str, limit: int | None, now: float) -> Job | None:
+        """Claim the oldest queued job for ``owner`` if fewer than ``limit`` jobs are active.
+
+        Strict FIFO: when the oldest queued job waits for a submit retry, nothing overtakes it.
+        """
+        with self._tx() as conn:
+            if limit is not None:
+                active = conn.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)", ACTIVE
+                ).fetchone()[0]
+                if active >= limit:
+                    return None
+            row = conn.execute(
+                "SELECT * FROM jobs WHERE state = ? AND cancel_requested = 0 ORDER BY seq LIMIT 1",
+                (QUEUED,),
+            ).fetchone()
+            if row is None or row["next_submit_at"] > now:
+                return None
+            conn.execute(
+                "UPDATE jobs SET state = ?, owner = ?, updated_at = ? WHERE seq = ?",
+                (STARTING, owner, time.time(), row["seq"]),
+            )
+            return _job(conn.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone())
+
+    def owned(self, owner: str) -> list[Job]:
+        rows = self._read(
+            "SELECT * FROM jobs WHERE owner = ? AND state IN (?, ?) ORDER BY seq", (owner, *ACTIVE)
+        )
+        return [_job(r) for r in rows]
+
+    def adopt(self, job_uuid: str, old_owner: str | None, new_owner: str) -> bool:
+        """Take over an active job whose owner is gone; False if someone else was quicker."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET owner = ?, updated_at = ? WHERE job_uuid = ? AND owner IS ?"
+                " AND state IN (?, ?)",
+                (new_owner, time.time(), job_uuid, old_owner, *ACTIVE),
+            )
+            return cur.rowcount == 1
+
+    def release(self, owner: str) -> None:
+        """Give up ownership of active jobs (on a graceful stop) so another worker adopts them."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE jobs SET owner = NULL, updated_at = ? WHERE owner = ? AND state IN (?, ?)",
+                (time.time(), owner, *ACTIVE),
+            )
+
+    # -- outbox --------------------------------------------------------------------------------
+
+    def _add_event(
+        self, conn: sqlite3.Connection, event: BaseCloudEvent, *, sink_done: bool = False
+    ) -> None:
+        subject = event.get_subject() or ""
+        conn.execute(
+            "INSERT OR IGNORE INTO outbox (event_id, job_uuid, type, event, created_at, sink_done)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                event.get_id(),
+                subject,
+                event.get_type(),
+                json.dumps(event_to_dict(event)),
+                time.time(),
+                int(sink_done),
+            ),
+        )
+
+    def event(self, event_id: str) -> dict[str, Any] | None:
+        """A stored emitted event (structured-mode dict) by id."""
+        rows = self._read("SELECT event FROM outbox WHERE event_id = ?", (event_id,))
+        return json.loads(rows[0]["event"]) if rows else None
+
+    def events(self, job_uuid: str | None = None) -> list[dict[str, Any]]:
+        """Emitted events in emission order (all, or one job's)."""
+        if job_uuid is None:
+            rows = self._read("SELECT event FROM outbox ORDER BY seq")
+        else:
+            rows = self._read(
+                "SELECT event FROM outbox WHERE job_uuid = ? ORDER BY seq", (job_uuid,)
+            )
+        return [json.loads(r["event"]) for r in rows]
+
+    def claim_outbox(
+        self, owner: str, *, now: float, lease_s: float, limit: int = 50
+    ) -> list[OutboxRow]:
+        """Lease undelivered events that are due, oldest first, at most the head one per job.
+
+        A job's later events wait until its earlier ones are delivered, so a consumer never sees
+        ``job.completed`` before ``job.started``. A lease that expires (its worker died) lets
+        another worker retry the event.
+        """
+        with self._tx() as conn:
+            rows = conn.execute(
+                """
+                SELECT * FROM outbox AS o
+                WHERE (o.sink_done = 0 OR o.local_done = 0)
+                  AND o.next_attempt_at <= ? AND o.lease_until <= ?
+                  AND NOT EXISTS (
+                      SELECT 1 FROM outbox AS p
+                      WHERE p.job_uuid = o.job_uuid AND p.seq < o.seq
+                        AND (p.sink_done = 0 OR p.local_done = 0))
+                ORDER BY o.seq LIMIT ?
+                """,
+                (now, now, limit),
+            ).fetchall()
+            for r in rows:
+                conn.execute(
+                    "UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE seq = ?",
+                    (owner, now + lease_s, r["seq"]),
+                )
+        return [
+            OutboxRow(
+                seq=r["seq"],
+                event_id=r["event_id"],
+                job_uuid=r["job_uuid"],
+                type=r["type"],
+                event=json.loads(r["event"]),
+                sink_done=bool(r["sink_done"]),
+                local_done=bool(r["local_done"]),
+                attempts=r["attempts"],
+            )
+            for r in rows
+        ]
+
+    def outbox_done(self, seq: int, *, sink: bool, local: bool) -> None:
+        """Record delivery to the sink and/or the in-process subscribers; frees the lease."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE outbox SET sink_done = MAX(sink_done, ?), local_done = MAX(local_done, ?),"
+                " attempts = 0, last_error = NULL, lease_owner = NULL, lease_until = 0"
+                " WHERE seq = ?",
+                (int(sink), int(local), seq),
+            )
+
+    def outbox_failed(
+        self, seq: int, *, error: str, retry_at: float, sink: bool, local: bool
+    ) -> None:
+        """Record a failed attempt (keeping the parts that did succeed) and when to retry."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE outbox SET sink_done = MAX(sink_done, ?), local_done = MAX(local_done, ?),"
+                " attempts = attempts + 1, last_error = ?, next_attempt_at = ?,"
+                " lease_owner = NULL, lease_until = 0 WHERE seq = ?",
+                (int(sink), int(local), error[:500], retry_at, seq),
+            )
+
+    def pending_events(self) -> int:
+        """How many emitted events are not yet fully delivered."""
+        return self._read("SELECT COUNT(*) AS n FROM outbox WHERE sink_done = 0 OR local_done = 0")[
+            0
+        ]["n"]
