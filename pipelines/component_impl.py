@@ -1,0 +1,199 @@
+"""What the ``train`` task does, as plain Python the KFP component body calls into.
+
+The component function KFP serialises stays a three-line shim; this module does the work so it
+can be imported, tested and benchmarked like any other code:
+
+1. fetch the model (s3:// into the cache, local in place) and stage it (dir/tar/tar.gz);
+2. fetch the datasets (never inlined in the spec: they arrive as files);
+3. run the recipe, reporting progress;
+4. publish: with an s3:// ``result_uri`` upload each checkpoint under it and rewrite paths; with
+   a local one the checkpoints are written there in place. ``result.json`` goes last, so its
+   presence means everything it points to exists. A failure writes a failed result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipelines import logs, storage
+from pipelines.data import DatasetError
+from pipelines.logs import event
+from pipelines.progress import ProgressReporter
+from pipelines.result import RunResult
+from pipelines.staging import StagingError, stage_model
+from pipelines.validation import RequestError, local_path
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class TrainingFailed(RuntimeError):
+    """The train task failed; the message is the error recorded in result.json."""
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (message is enough), as opposed to bugs (traceback too)."""
+    from pipelines.modeling import ModelDirError
+
+    return (
+        RequestError,
+        DatasetError,
+        StagingError,
+        storage.StorageError,
+        ModelDirError,
+        FloatingPointError,
+    )
+
+
+def _fetch_model(uri: str, cache_dir: Path) -> Path:
+    if storage.is_s3(uri):
+        key = storage.fingerprint(uri)
+        slot = cache_dir / "downloads" / key
+        if slot.exists():
+            found = next(iter(slot.iterdir()), None)
+            if found is not None:
+                event(log, "model download cached", uri=uri, path=str(found))
+                return stage_model(found, cache_dir)
+        path = storage.fetch(uri, slot)
+        return stage_model(path, cache_dir)
+    path = local_path(uri)
+    if path is None:
+        raise StagingError(f"model_artifact.uri {uri!r}: unsupported scheme")
+    return stage_model(path, cache_dir)
+
+
+def _publish(result: RunResult, result_uri: str, checkpoint_root: Path) -> RunResult:
+    """Upload checkpoints (s3) and rewrite their paths; local results are already in place."""
+    if not storage.is_s3(result_uri):
+        return result
+    for ckpt in result.checkpoints:
+        src = Path(ckpt["path"])
+        dest = storage.join(
+            result_uri, CHECKPOINTS_DIR, src.relative_to(checkpoint_root).as_posix()
+        )
+        storage.publish(src, dest)
+        ckpt["path"] = dest
+        event(log, "checkpoint uploaded", identifier=ckpt["identifier"], uri=dest)
+    return result
+
+
+def _write_result(result: RunResult, result_uri: str, artifact_dir: Path | None) -> None:
+    data = result.to_json().encode()
+    if result_uri:
+        storage.put_bytes(data, storage.join(result_uri, RESULT_FILE))
+    if artifact_dir is not None:
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        (artifact_dir / RESULT_FILE).write_bytes(data)
+
+
+def run_train(
+    *,
+    job_uuid: str,
+    request_json: str,
+    model_uri: str,
+    dataset_uri: str,
+    validation_dataset_uri: str = "",
+    checkpoint_format: str = "meta",
+    progress_path: str = "",
+    result_uri: str = "",
+    cache_dir: str = "",
+    artifact_path: str = "",
+) -> dict[str, Any]:
+    """Run one job's training; return the RunResult dict (the output artifact's metadata).
+
+    :raises TrainingFailed: after writing a failed result.json, naming the problem.
+    """
+    logs.configure(os.environ.get("KFP_TRAINER_LOG_LEVEL", "INFO"), stream=None)
+    artifact_dir = Path(artifact_path) if artifact_path else None
+    scratch = Path(tempfile.mkdtemp(prefix=f"kfp-trainer-{job_uuid}-"))
+    try:
+        request = json.loads(request_json)
+        if request.get("job_uuid") != job_uuid:
+            raise RequestError(
+                [
+                    f"job_uuid: parameter {job_uuid!r} does not match request_json "
+                    f"{request.get('job_uuid')!r}"
+                ]
+            )
+        event(
+            log,
+            "train task started",
+            job_uuid=job_uuid,
+            model=request.get("model"),
+            model_uri=model_uri,
+            dataset_uri=dataset_uri,
+            validation_dataset_uri=validation_dataset_uri or None,
+            result_uri=result_uri or None,
+        )
+        cache = Path(cache_dir) if cache_dir else scratch / "cache"
+        dataset = storage.fetch(dataset_uri, scratch / "dataset")
+        validation = (
+            storage.fetch(validation_dataset_uri, scratch / "validation")
+            if validation_dataset_uri
+            else None
+        )
+        request = {
+            **request,
+            "dataset": {"uri": str(dataset)},
+            **({"validation_dataset": {"uri": str(validation)}} if validation else {}),
+        }
+        # Config problems first: a bad request should not wait for a model download.
+        from pipelines.validation import require_valid
+
+        require_valid(request)
+        model_dir = _fetch_model(model_uri, cache)
+        target = local_path(result_uri) if result_uri else None
+        if target is not None:
+            checkpoint_root = target / CHECKPOINTS_DIR
+        elif result_uri:
+            checkpoint_root = scratch / CHECKPOINTS_DIR
+        else:
+            checkpoint_root = (artifact_dir or scratch) / CHECKPOINTS_DIR
+
+        from pipelines.recipe import run_recipe
+
+        result = run_recipe(
+            request,
+            model_dir=model_dir,
+            dataset_path=dataset,
+            validation_path=validation,
+            output_dir=checkpoint_root,
+            checkpoint_format=checkpoint_format,
+            progress=ProgressReporter(Path(progress_path) if progress_path else None),
+        )
+        result = _publish(result, result_uri, checkpoint_root)
+        _write_result(result, result_uri, artifact_dir)
+        event(
+            log,
+            "train task finished",
+            job_uuid=job_uuid,
+            status=result.status,
+            checkpoints=len(result.checkpoints),
+            dataset_rows=result.dataset_rows,
+        )
+        return result.to_dict()
+    except Exception as exc:
+        expected = isinstance(exc, _expected_errors())
+        error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+        event(log, "train task failed", level=logging.ERROR, job_uuid=job_uuid, error=error)
+        if not expected:
+            log.exception("unexpected error in the train task")
+        failed = RunResult(job_uuid=job_uuid, status="failed", error=error)
+        try:
+            _write_result(failed, result_uri, artifact_dir)
+        except Exception as write_exc:  # the original error matters more
+            event(log, "cannot write failed result", level=logging.ERROR, error=str(write_exc))
+        raise TrainingFailed(error) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+__all__ = ["CHECKPOINTS_DIR", "RESULT_FILE", "TrainingFailed", "run_train"]

@@ -1,0 +1,100 @@
+"""The exit task's run-finished notice: one binary-mode CloudEvent POSTed to ``notify_url``.
+
+The notice is a hint (the receiver re-reads the run before acting), so a delivery failure is
+logged, retried a few times with a bounded backoff and then given up on. It never fails the
+pipeline: a missed notice is covered by the receiver's periodic reconcile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from pipelines.logs import event
+
+log = logging.getLogger(__name__)
+
+SOURCE = "kfp-pipeline"
+
+
+def notice(job_uuid: str, run_id: str, state: str, error: str | None) -> dict[str, Any]:
+    """The notice body: job_uuid, run_id (when known), state, error."""
+    body: dict[str, Any] = {"job_uuid": job_uuid, "state": state, "error": error or None}
+    if run_id:
+        body["run_id"] = run_id
+    return body
+
+
+def headers(event_type: str, job_uuid: str) -> dict[str, str]:
+    """Binary-mode CloudEvent attributes as ``ce-*`` headers (deterministic id)."""
+    return {
+        "ce-specversion": "1.0",
+        "ce-type": event_type,
+        "ce-source": SOURCE,
+        "ce-id": f"{job_uuid}/run.finished",
+        "ce-subject": job_uuid,
+        "content-type": "application/json",
+    }
+
+
+def post_run_finished(
+    notify_url: str,
+    event_type: str,
+    job_uuid: str,
+    run_id: str,
+    state: str,
+    error: str | None,
+    *,
+    attempts: int = 4,
+    timeout_s: float = 10.0,
+) -> bool:
+    """POST the notice; True when the receiver accepted it (2xx). Never raises."""
+    if not notify_url:
+        event(log, "no notify_url; run-finished notice skipped", job_uuid=job_uuid, state=state)
+        return False
+    import requests
+
+    body = json.dumps(notice(job_uuid, run_id, state, error)).encode()
+    hdrs = headers(event_type, job_uuid)
+    delay = 0.5
+    for attempt in range(1, attempts + 1):
+        try:
+            resp = requests.post(notify_url, data=body, headers=hdrs, timeout=timeout_s)
+            if resp.status_code < 300:
+                event(
+                    log,
+                    "run-finished notice delivered",
+                    job_uuid=job_uuid,
+                    state=state,
+                    status=resp.status_code,
+                )
+                return True
+            retry = resp.status_code in (404, 408, 409, 429) or resp.status_code >= 500
+            event(
+                log,
+                "run-finished notice refused",
+                level=logging.WARNING,
+                job_uuid=job_uuid,
+                status=resp.status_code,
+                attempt=attempt,
+            )
+            if not retry:
+                return False
+        except requests.RequestException as exc:
+            event(
+                log,
+                "run-finished notice not delivered",
+                level=logging.WARNING,
+                job_uuid=job_uuid,
+                error=str(exc),
+                attempt=attempt,
+            )
+        if attempt < attempts:
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+    return False
+
+
+__all__ = ["SOURCE", "headers", "notice", "post_run_finished"]

@@ -1,0 +1,196 @@
+"""The KFP pipeline ``llama-stack-lora-finetune``: one definition for local and remote runs.
+
+Shape: a ``dsl.ExitHandler`` whose exit task ``notify`` posts a run-finished notice, around
+importers for the model and the dataset(s) (so they are recorded as artifacts) and the
+training task ``train``. The train task takes the artifacts' URIs and fetches them itself:
+locally they are paths (the KFP local importer maps s3:// to a path that does not exist), and
+remotely the task pulls s3:// URIs with its own credentials into the model-cache PVC, instead
+of having KFP's launcher copy a multi-GB model into every pod. Datasets travel as JSONL files,
+never in the spec, so there is no row limit.
+
+``pipeline_arguments`` turns a job request into the run's parameters; the same dict serves
+local runs and ``create_run_from_pipeline_package``.
+"""
+
+# No `from __future__ import annotations`: KFP reads the pipeline signature's real types.
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from pipelines.settings import PipelineSettings
+
+PIPELINE_NAME: Final = "llama-stack-lora-finetune"
+TRAIN_TASK: Final = "train"
+NOTIFY_TASK: Final = "notify"
+# Request fields that travel as their own parameters (URIs), not inside request_json.
+_URI_FIELDS: Final = ("dataset", "validation_dataset", "model_artifact")
+
+
+def pipeline_arguments(
+    request: Mapping[str, Any],
+    *,
+    progress_path: str = "",
+    result_uri: str = "",
+    notify_url: str = "",
+    notify_event_type: str = "",
+) -> dict[str, Any]:
+    """The run parameters for a job request (``model_artifact.uri`` must be resolved).
+
+    :raises ValueError: naming a missing field.
+    """
+    for field in ("job_uuid", "model", "training_config", "algorithm_config"):
+        if field not in request:
+            raise ValueError(f"request has no {field!r}")
+    model_uri = (request.get("model_artifact") or {}).get("uri")
+    if not model_uri:
+        raise ValueError(
+            "request has no model_artifact.uri; resolve it with "
+            "pipelines.staging.resolve_model_uri first"
+        )
+    dataset_uri = (request.get("dataset") or {}).get("uri")
+    if not dataset_uri:
+        raise ValueError("request has no dataset.uri")
+    config = {k: v for k, v in request.items() if k not in _URI_FIELDS}
+    args: dict[str, Any] = {
+        "job_uuid": request["job_uuid"],
+        "request_json": json.dumps(config, sort_keys=True),
+        "model_uri": model_uri,
+        "dataset_uri": dataset_uri,
+        "validation_dataset_uri": (request.get("validation_dataset") or {}).get("uri", ""),
+        "progress_path": progress_path,
+        "result_uri": result_uri,
+        "notify_url": notify_url,
+        "notify_event_type": notify_event_type,
+    }
+    if request.get("checkpoint_format"):
+        args["checkpoint_format"] = request["checkpoint_format"]
+    return args
+
+
+def _configure_train(task: Any, settings: PipelineSettings) -> None:
+    """Resources, placement, secrets and volumes of the train task, all from settings."""
+    from kfp import kubernetes
+
+    task.set_caching_options(False)
+    if settings.memory_request:
+        task.set_memory_request(settings.memory_request)
+    if settings.memory_limit:
+        task.set_memory_limit(settings.memory_limit)
+    if settings.cpu_request:
+        task.set_cpu_request(settings.cpu_request)
+    if settings.accelerator_count > 0:
+        task.set_accelerator_type(settings.accelerator_type)
+        task.set_accelerator_limit(settings.accelerator_count)
+    if settings.s3_secret_name:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=settings.s3_secret_name,
+            secret_key_to_env={
+                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+            },
+        )
+    if settings.s3_endpoint_url:
+        task.set_env_variable("S3_ENDPOINT_URL", settings.s3_endpoint_url)
+    for key, value in settings.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for tol in settings.tolerations:
+        kubernetes.add_toleration(
+            task,
+            key=tol.get("key"),
+            operator=tol.get("operator"),
+            value=tol.get("value"),
+            effect=tol.get("effect"),
+            toleration_seconds=tol.get("toleration_seconds", tol.get("tolerationSeconds")),
+        )
+    if settings.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(settings.image_pull_secrets))
+    if settings.model_cache_pvc:
+        from pipelines.settings import MODEL_CACHE_MOUNT
+
+        kubernetes.mount_pvc(task, pvc_name=settings.model_cache_pvc, mount_path=MODEL_CACHE_MOUNT)
+
+
+def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
+    """The ``@dsl.pipeline`` function, configured by ``settings`` (image, resources, ...)."""
+    from kfp import dsl, kubernetes
+
+    from pipelines.component import make_components
+
+    train_op, notify_op = make_components(settings)
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="LoRA fine-tuning of a Llama model with torchtune, for llama-stack.",
+    )
+    def lora_finetune(
+        job_uuid: str,
+        request_json: str,
+        model_uri: str,
+        dataset_uri: str,
+        validation_dataset_uri: str = "",
+        checkpoint_format: str = settings.checkpoint_format,
+        progress_path: str = "",
+        result_uri: str = "",
+        notify_url: str = "",
+        notify_event_type: str = "",
+        cache_dir: str = settings.task_cache_dir,
+    ) -> None:
+        notify = notify_op(
+            job_uuid=job_uuid,
+            notify_url=notify_url,
+            notify_event_type=notify_event_type,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        ).set_caching_options(False)
+        notify.set_display_name(NOTIFY_TASK)
+        if settings.image_pull_secrets:
+            kubernetes.set_image_pull_secrets(notify, list(settings.image_pull_secrets))
+        with dsl.ExitHandler(notify, name="finetune"):
+            model = dsl.importer(
+                artifact_uri=model_uri, artifact_class=dsl.Model, reimport=False
+            ).set_display_name("model")
+            dataset = dsl.importer(
+                artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=True
+            ).set_display_name("dataset")
+            train = train_op(
+                job_uuid=job_uuid,
+                request_json=request_json,
+                model_uri=model_uri,
+                dataset_uri=dataset_uri,
+                validation_dataset_uri=validation_dataset_uri,
+                checkpoint_format=checkpoint_format,
+                progress_path=progress_path,
+                result_uri=result_uri,
+                cache_dir=cache_dir,
+            )
+            train.set_display_name(TRAIN_TASK)
+            train.after(model, dataset)
+            _configure_train(train, settings)
+            with dsl.If(validation_dataset_uri != "", name="has-validation-dataset"):
+                dsl.importer(
+                    artifact_uri=validation_dataset_uri, artifact_class=dsl.Dataset, reimport=True
+                ).set_display_name("validation-dataset")
+
+    return lora_finetune
+
+
+def compile_pipeline(settings: PipelineSettings, out: Path) -> Path:
+    """Write the pipeline's IR YAML to ``out``; return it."""
+    from kfp import compiler
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(settings), package_path=str(out))
+    return out
+
+
+__all__ = [
+    "NOTIFY_TASK",
+    "PIPELINE_NAME",
+    "TRAIN_TASK",
+    "build_pipeline",
+    "compile_pipeline",
+    "pipeline_arguments",
+]
