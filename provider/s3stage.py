@@ -15,11 +15,16 @@ from provider.config import S3Config
 def s3_client(config: S3Config) -> Any:
     """A boto3 S3 client for the configured endpoint; credentials come from boto3's chain."""
     import boto3
+    from botocore.config import Config
 
     return boto3.client(
         "s3",
         endpoint_url=config.endpoint_url or None,
         region_name=config.region or None,
+        # Path-style works with MinIO, Ceph and ODF as well as AWS.
+        config=Config(
+            retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}
+        ),
     )
 
 

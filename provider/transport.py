@@ -81,16 +81,17 @@ def make_transport(config: KfpTrainerConfig) -> Transport:
 
 
 def reason(body: bytes) -> str:
-    """The human part of an error answer: a JSON ``error``/``detail``/``message`` or the text."""
+    """The human part of an error answer: the handler's ``problems``/``message`` (or a
+    ``detail``/``error``), else the text itself."""
     text = body.decode("utf-8", "replace").strip()
     try:
         value = json.loads(text)
     except ValueError:
         return text[:2000] or "(empty body)"
     if isinstance(value, dict):
-        for key in ("error", "detail", "message", "problems"):
-            if key in value:
-                found = value[key]
+        for key in ("problems", "message", "detail", "error"):
+            found = value.get(key)
+            if found:
                 return "; ".join(map(str, found)) if isinstance(found, list) else str(found)
     return text[:2000]
 

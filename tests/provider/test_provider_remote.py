@@ -1,0 +1,221 @@
+"""Remote path of the provider at unit level, over real HTTP on loopback.
+
+- dataset staging streams to S3 with a multipart upload (moto server), sha256 recorded;
+- job.requested is POSTed in binary mode to the broker, retried like Knative retries;
+- status comes from the handler's GET /jobs/<job_uuid>.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import pytest
+
+from provider.config import KfpTrainerConfig, S3Config
+from provider.s3stage import S3MultipartSink, dataset_key, s3_client
+from provider.staging import DatasetError, stage_dataset
+from provider.transport import DeliveryFailed, RequestRejected
+from tests.provider.loopback import LoopbackServer, Scripted
+
+MIB = 1024 * 1024
+
+
+class RowsDatasetIO:
+    """Pages over an in-memory row list with localfs' semantics (offset + limit, has_more)."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    async def iterrows(self, dataset_id, start_index=None, limit=None):
+        from llama_stack.providers.utils.pagination import paginate_records
+
+        return paginate_records(self.rows, start_index, limit)
+
+
+def _big_rows(n: int) -> list[dict]:
+    pad = "x" * 900
+    return [
+        {
+            "chat_completion_input": f'[{{"role": "user", "content": "q{i} {pad}"}}]',
+            "expected_answer": f"a{i}",
+        }
+        for i in range(n)
+    ]
+
+
+def _s3(endpoint: str) -> S3Config:
+    return S3Config(endpoint_url=endpoint, bucket="datasets", prefix="team/pt", part_size_mb=5)
+
+
+def test_dataset_streams_to_s3_in_parts_with_its_sha256(s3_endpoint) -> None:
+    cfg = _s3(s3_endpoint)
+    client = s3_client(cfg)
+    client.create_bucket(Bucket=cfg.bucket)
+    rows = _big_rows(12_000)  # ~11.5 MiB -> three 5 MiB parts
+    key = dataset_key(cfg, "job-42", "train")
+    assert key == "team/pt/datasets/job-42/train.jsonl"
+    sink = S3MultipartSink(client, cfg.bucket, key, cfg.part_size_mb * MIB)
+
+    staged = asyncio.run(
+        stage_dataset(RowsDatasetIO(rows), "big", sink, data_format="instruct", page_size=1000)
+    )
+    body = client.get_object(Bucket=cfg.bucket, Key=key)["Body"].read()
+    assert staged.uri == "s3://datasets/team/pt/datasets/job-42/train.jsonl"
+    assert staged.rows == 12_000
+    assert staged.size == len(body) > 10 * MIB
+    assert staged.sha256 == hashlib.sha256(body).hexdigest()
+    assert sink.parts_uploaded == 3
+    assert [json.loads(line) for line in body.splitlines()] == rows
+
+
+def test_a_failed_staging_aborts_the_upload(s3_endpoint) -> None:
+    cfg = _s3(s3_endpoint)
+    client = s3_client(cfg)
+    client.create_bucket(Bucket=cfg.bucket)
+    rows = _big_rows(7000)
+    rows[6500]["expected_answer"] = ""  # found after a part has gone up
+    sink = S3MultipartSink(client, cfg.bucket, "k/train.jsonl", 5 * MIB)
+    with pytest.raises(DatasetError, match="row 6500"):
+        asyncio.run(
+            stage_dataset(RowsDatasetIO(rows), "bad", sink, data_format="instruct", page_size=500)
+        )
+    assert sink.parts_uploaded >= 1
+    assert client.list_multipart_uploads(Bucket=cfg.bucket).get("Uploads", []) == []
+    assert client.list_objects_v2(Bucket=cfg.bucket).get("KeyCount") == 0
+
+
+def test_a_small_dataset_is_one_part(s3_endpoint) -> None:
+    cfg = _s3(s3_endpoint)
+    client = s3_client(cfg)
+    client.create_bucket(Bucket=cfg.bucket)
+    sink = S3MultipartSink(client, cfg.bucket, "small.jsonl", 5 * MIB)
+    staged = asyncio.run(
+        stage_dataset(RowsDatasetIO(_big_rows(3)), "s", sink, data_format="instruct", page_size=2)
+    )
+    assert staged.rows == 3
+    assert sink.parts_uploaded == 1
+    body = client.get_object(Bucket=cfg.bucket, Key="small.jsonl")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == staged.sha256
+
+
+# -- broker delivery ---------------------------------------------------------------------------
+
+
+def _config(broker: str, handler: str = "http://127.0.0.1:9", **kw) -> KfpTrainerConfig:
+    return KfpTrainerConfig(
+        mode="remote",
+        broker_url=broker,
+        handler_url=handler,
+        s3={"bucket": "b"},
+        delivery_attempts=kw.pop("attempts", 4),
+        delivery_backoff_s=0.01,
+        http_timeout_s=5,
+        **kw,
+    )
+
+
+def _requested_event():
+    from handler.contract import JOB_REQUESTED, make_event
+
+    data = {
+        "job_uuid": "job-7",
+        "model": "llama3.2-tiny",
+        "training_config": {"n_epochs": 1},
+        "algorithm_config": {
+            "type": "LoRA",
+            "lora_attn_modules": ["q_proj"],
+            "apply_lora_to_mlp": False,
+            "apply_lora_to_output": False,
+            "rank": 4,
+            "alpha": 8,
+        },
+        "dataset": {"uri": "s3://b/p/datasets/job-7/train.jsonl", "format": "jsonl", "rows": 3},
+    }
+    return make_event(JOB_REQUESTED, "/llama-stack/post-training/kfp-torchtune", data)
+
+
+def test_broker_post_is_binary_mode_and_retried_until_accepted() -> None:
+    from provider.remote import RemoteTransport
+
+    script = [
+        Scripted(503, b'{"error":"unavailable","message":"busy"}'),
+        Scripted(429, b"slow down", {"Retry-After": "0"}),
+        Scripted(202),
+    ]
+    with LoopbackServer(script) as broker:
+        transport = RemoteTransport(_config(broker.url + "/default/broker"))
+        transport.start(lambda _u: None)
+        assert transport.send(_requested_event()) == []
+        transport.stop()
+    assert len(broker.received) == 3
+    first = broker.received[0]
+    headers = {k.lower(): v for k, v in first.headers.items()}
+    assert first.method == "POST" and first.path == "/default/broker"
+    assert headers["ce-type"] == "io.llamastack.posttraining.job.requested"
+    assert headers["ce-id"] == "job-7/job.requested"
+    assert headers["ce-subject"] == "job-7"
+    assert headers["ce-specversion"] == "1.0"
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(first.body)["dataset"]["uri"].startswith("s3://")
+    assert all(r.body == first.body for r in broker.received)
+
+
+def test_broker_client_error_is_final_and_carries_the_reason() -> None:
+    from provider.remote import RemoteTransport
+
+    body = b'{"error":"bad_request","message":"model: unknown model \'x\'"}'
+    with LoopbackServer([Scripted(400, body)]) as broker:
+        transport = RemoteTransport(_config(broker.url))
+        with pytest.raises(RequestRejected, match="unknown model 'x'"):
+            transport.send(_requested_event())
+    assert len(broker.received) == 1
+
+
+def test_broker_that_never_accepts_fails_after_the_configured_attempts() -> None:
+    from provider.remote import RemoteTransport
+
+    with LoopbackServer([Scripted(500, b"boom")]) as broker:
+        transport = RemoteTransport(_config(broker.url, attempts=3))
+        with pytest.raises(DeliveryFailed, match=r"after 3 attempts; last: HTTP 500: boom"):
+            transport.send(_requested_event())
+    assert len(broker.received) == 3
+
+
+def test_unreachable_broker_fails_cleanly() -> None:
+    import socket
+
+    from provider.remote import RemoteTransport
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    transport = RemoteTransport(_config(f"http://127.0.0.1:{port}/", attempts=2))
+    with pytest.raises(DeliveryFailed, match="after 2 attempts; last: ConnectionError"):
+        transport.send(_requested_event())
+
+
+def test_reply_event_from_the_broker_is_returned_as_an_update() -> None:
+    from handler.contract import JOB_SCHEDULED, make_event, to_http
+    from provider.remote import RemoteTransport
+
+    reply = to_http(make_event(JOB_SCHEDULED, "/h", {"job_uuid": "job-7", "status": "scheduled"}))
+    with LoopbackServer([Scripted(200, reply.body, dict(reply.headers))]) as broker:
+        updates = RemoteTransport(_config(broker.url)).send(_requested_event())
+    assert updates == [{"job_uuid": "job-7", "status": "scheduled"}]
+
+
+def test_status_comes_from_the_handlers_jobs_route() -> None:
+    from provider.remote import RemoteTransport
+
+    view = {"job_uuid": "job-7", "status": "in_progress", "progress": {"step": 2}}
+    script = [
+        Scripted(200, json.dumps(view).encode(), {"Content-Type": "application/json"}),
+        Scripted(404, b'{"error":"not_found"}'),
+    ]
+    with LoopbackServer(script) as handler:
+        transport = RemoteTransport(_config("http://127.0.0.1:9", handler.url + "/"))
+        assert transport.job("job-7") == view
+        assert transport.job("other") is None
+    assert [r.path for r in handler.received] == ["/jobs/job-7", "/jobs/other"]
