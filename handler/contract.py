@@ -142,12 +142,11 @@ def validate_data(event_type: str, data: Any) -> dict[str, Any]:
     """
     if not isinstance(data, dict):
         raise ContractError([f"data must be a JSON object, got {type(data).__name__}"])
-    problems: list[str] = []
-    if event_type == JOB_REQUESTED:
-        problems.extend(_unsupported_training(data))
+    unsupported = _unsupported_training(data) if event_type == JOB_REQUESTED else []
+    problems: list[str] = list(unsupported)
     validator = jsonschema.Draft202012Validator(schema(event_type))
-    for err in sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path)):
-        if problems and _path(err).startswith("algorithm_config"):
+    for err in sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path]):
+        if unsupported and _path(err).startswith("algorithm_config"):
             continue  # already explained as "not supported"
         problems.append(f"{_path(err)}: {err.message}")
     if problems:

@@ -158,7 +158,8 @@ class HandlerService:
         problems: dict[str, str] = {}
         try:
             self.store.ping()
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            log.warning("store not ready", extra={"problem": str(exc)})
             problems["store"] = "the job store cannot be read"
         try:
             if not self.backend.ready():

@@ -226,6 +226,7 @@ class JobStore:
         conn = self._local.conn
         if conn is not None:
             return conn
+        conn = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
@@ -236,18 +237,36 @@ class JobStore:
             )
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
             with self._lock:
                 if not self._schema_ready:
-                    conn.executescript(_SCHEMA)
+                    self._init_schema(conn)
                     self._schema_ready = True
                 self._opened.append(conn)
         except (sqlite3.Error, OSError) as exc:
+            if conn is not None:
+                with suppress(sqlite3.Error):
+                    conn.close()
             raise StoreUnavailable(f"job store {self.path} cannot be opened: {exc}") from exc
         self._local.conn = conn
         return conn
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        """WAL mode (persistent in the file) and the tables, once per store.
+
+        Switching the journal mode can fail with SQLITE_BUSY at once, without waiting on the busy
+        timeout, while another process initialises the same file: retry within the timeout.
+        """
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         """Close every connection this store opened (call once its threads have stopped)."""
