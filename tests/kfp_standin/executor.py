@@ -11,12 +11,14 @@ import argparse
 import json
 import logging
 import sys
+import types
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.kfp_standin.executor")
     parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--run-id", default="", help="what {{$.pipeline_job_uuid}} resolves to")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 
@@ -37,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, json_format.ParseError) as exc:
         print(f"kfp-standin: cannot load the run's IR: {exc}", flush=True)
         return 2
+    if args.run_id:
+        # On a KFP server PIPELINE_JOB_ID_PLACEHOLDER is the run's id; kfp.local draws a random
+        # one in exactly this spot, so hand it the run id instead.
+        pipeline_orchestrator.placeholder_utils = types.SimpleNamespace(
+            make_random_id=lambda: args.run_id
+        )
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(run_dir / "pipeline_root"),

@@ -296,7 +296,15 @@ class KfpState:
                 return
             with open(run_dir / "log.txt", "wb") as log:
                 execution.process = subprocess.Popen(
-                    [sys.executable, "-m", "tests.kfp_standin.executor", "--run-dir", str(run_dir)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "tests.kfp_standin.executor",
+                        "--run-dir",
+                        str(run_dir),
+                        "--run-id",
+                        run_id,
+                    ],
                     cwd=REPO_ROOT,
                     env=env,
                     stdin=subprocess.DEVNULL,
