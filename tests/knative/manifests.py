@@ -105,3 +105,63 @@ def resolve_ref(ref: dict[str, Any]) -> Doc:
     found = [d for d in find(ref["kind"], ref["name"], group) if d.api_version == ref["apiVersion"]]
     assert found, f"ref {ref} names nothing defined in knative/"
     return found[0]
+
+
+# -- the handler as knative/ deploys it ------------------------------------------------------
+
+HANDLER = "kfp-trainer-handler"
+BROKER = "kfp-trainer"
+KSVC_API = "serving.knative.dev/v1"
+
+
+def namespace() -> str:
+    return kustomization()["namespace"]
+
+
+def handler_service() -> Doc:
+    return one("Service", HANDLER, "serving.knative.dev")
+
+
+def handler_container() -> dict[str, Any]:
+    containers = handler_service().body["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, "the handler Service runs exactly one container"
+    return containers[0]
+
+
+def config_map_data() -> dict[str, str]:
+    """Every variable the handler container gets through envFrom ConfigMaps."""
+    data: dict[str, str] = {}
+    for source in handler_container().get("envFrom", []):
+        ref = source["configMapRef"]
+        data.update(one("ConfigMap", ref["name"], "").body["data"])
+    return data
+
+
+def secret_refs() -> dict[str, dict[str, Any]]:
+    """env name -> secretKeyRef, for every env var the handler reads from a Secret."""
+    refs = {}
+    for env in handler_container().get("env", []):
+        ref = env.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            refs[env["name"]] = ref
+    return refs
+
+
+def container_port() -> int:
+    (port,) = handler_container()["ports"]
+    return port["containerPort"]
+
+
+def deployed_env() -> dict[str, str]:
+    """The container's environment as Knative builds it; secrets get placeholder values."""
+    env = dict(config_map_data())
+    for entry in handler_container().get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+    for name in secret_refs():
+        env[name] = f"<{name}>"
+    env["K_SINK"] = (
+        f"http://broker-ingress.knative-eventing.svc.cluster.local/{namespace()}/{BROKER}"
+    )
+    env["PORT"] = str(container_port())
+    return env

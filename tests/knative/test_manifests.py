@@ -9,8 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import re
+import runpy
 import shutil
 import subprocess
+import sys
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,9 +28,11 @@ from pipelines.settings import ENV_VARS as PIPELINE_ENV_VARS
 from pipelines.settings import PipelineSettings
 from tests.knative import manifests as m
 
-HANDLER = "kfp-trainer-handler"
-BROKER = "kfp-trainer"
-KSVC_API = "serving.knative.dev/v1"
+GUNICORN_CONF = m.REPO / "handler" / "gunicorn_conf.py"
+
+HANDLER = m.HANDLER
+BROKER = m.BROKER
+KSVC_API = m.KSVC_API
 
 # Handler settings a remote deployment deliberately leaves unset, and why. Anything else in
 # handler/settings.py ENV_VARS must be provided, so a new setting fails here until it is.
@@ -43,18 +47,9 @@ NOT_SET_REMOTELY = {
 INJECTED = {"K_SINK": "SinkBinding", "PORT": "Knative Serving (= containerPort)"}
 
 
-def handler_service() -> m.Doc:
-    return m.one("Service", HANDLER, "serving.knative.dev")
-
-
-def handler_container() -> dict[str, Any]:
-    containers = handler_service().body["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1, "the handler Service runs exactly one container"
-    return containers[0]
-
-
-def namespace() -> str:
-    return m.kustomization()["namespace"]
+handler_service = m.handler_service
+handler_container = m.handler_container
+namespace = m.namespace
 
 
 # ------------------------------------------------------------------------------ schemas
@@ -284,22 +279,8 @@ def test_service_account_and_its_role_binding_exist():
 # ------------------------------------------------------------------------------ env and secrets
 
 
-def _config_map_data() -> dict[str, str]:
-    data: dict[str, str] = {}
-    for source in handler_container().get("envFrom", []):
-        ref = source["configMapRef"]
-        data.update(m.one("ConfigMap", ref["name"], "").body["data"])
-    return data
-
-
-def _secret_refs() -> dict[str, dict[str, Any]]:
-    """env name -> secretKeyRef, for every env var the handler reads from a Secret."""
-    refs = {}
-    for env in handler_container().get("env", []):
-        ref = env.get("valueFrom", {}).get("secretKeyRef")
-        if ref:
-            refs[env["name"]] = ref
-    return refs
+_config_map_data = m.config_map_data
+_secret_refs = m.secret_refs
 
 
 def _provided_env() -> set[str]:
@@ -325,26 +306,24 @@ def test_every_pipeline_setting_is_provided():
     assert not missing, f"pipeline settings not provided by knative/: {sorted(missing)}"
 
 
+def _gunicorn_env_vars() -> set[str]:
+    """The variables handler/gunicorn_conf.py reads (it has no ENV_VARS tuple of its own)."""
+    source = GUNICORN_CONF.read_text(encoding="utf-8")
+    return set(re.findall(r"""(?:_int\(|environ\.get\()\s*["']([A-Z0-9_]+)["']""", source))
+
+
 def test_provided_env_has_no_unknown_names():
     known = (
         set(HANDLER_ENV_VARS)
         | set(PIPELINE_ENV_VARS)
+        | _gunicorn_env_vars()
         | {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     )
     unknown = _provided_env() - known - set(INJECTED)
     assert not unknown, f"env nobody reads (typo?): {sorted(unknown)}"
 
 
-def _deployed_env() -> dict[str, str]:
-    """The container's environment as Knative would build it, with placeholder secret values."""
-    env = dict(_config_map_data())
-    for name in _secret_refs():
-        env[name] = f"<{name}>"
-    env["K_SINK"] = (
-        f"http://broker-ingress.knative-eventing.svc.cluster.local/{namespace()}/{BROKER}"
-    )
-    env["PORT"] = str(handler_container()["ports"][0]["containerPort"])
-    return env
+_deployed_env = m.deployed_env
 
 
 def test_the_settings_parse_from_the_deployed_environment():
@@ -433,3 +412,91 @@ def _schema_store():
 
 
 _store_cache: dict[str, Any] = {}
+
+
+# ------------------------------------------------------------------------------ the handler
+
+
+def _gunicorn_config(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """handler/gunicorn_conf.py evaluated in the deployed environment."""
+    for name in _gunicorn_env_vars() | {"GUNICORN_BIND"}:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in _deployed_env().items():
+        monkeypatch.setenv(name, value)
+    return runpy.run_path(str(GUNICORN_CONF))
+
+
+def test_gunicorn_reads_only_what_the_deployment_may_set():
+    assert {"PORT", "GUNICORN_WORKERS", "GUNICORN_THREADS"} <= _gunicorn_env_vars()
+
+
+def test_gunicorn_listens_on_the_container_port(monkeypatch):
+    config = _gunicorn_config(monkeypatch)
+    assert config["bind"] == [f"0.0.0.0:{m.container_port()}"]
+    assert handler_container()["ports"][0]["name"] == "http1", "Knative's HTTP/1.1 port name"
+
+
+def test_container_concurrency_is_what_gunicorn_serves_at_once(monkeypatch):
+    config = _gunicorn_config(monkeypatch)
+    spec = handler_service().body["spec"]["template"]["spec"]
+    assert spec["containerConcurrency"] == config["workers"] * config["threads"]
+
+
+def test_graceful_shutdown_fits_in_the_termination_grace_period(monkeypatch):
+    config = _gunicorn_config(monkeypatch)
+    spec = handler_service().body["spec"]["template"]["spec"]
+    assert config["graceful_timeout"] < spec["timeoutSeconds"]
+
+
+def _routes(tmp_path) -> dict[str, set[str]]:
+    """path -> methods of the Flask app built from the deployed environment (in a subprocess,
+    which also reports whether building it imported torch)."""
+    env = {**_deployed_env(), "KFP_TRAINER_STATE_DIR": str(tmp_path / "state")}
+    script = (
+        "import json, sys\n"
+        "from handler import create_app\n"
+        "from handler.settings import HandlerSettings\n"
+        "app = create_app(HandlerSettings.from_env(json.loads(sys.argv[1])))\n"
+        "routes = {}\n"
+        "for rule in app.url_map.iter_rules():\n"
+        "    routes.setdefault(rule.rule, []).extend(sorted(rule.methods))\n"
+        "print(json.dumps({'routes': routes, 'torch': 'torch' in sys.modules}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(env)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["torch"] is False, "building the handler app imported torch"
+    return {path: set(methods) for path, methods in result["routes"].items()}
+
+
+def test_probes_port_and_notify_url_match_the_handlers_routes(tmp_path):
+    routes = _routes(tmp_path)
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = handler_container()[probe]["httpGet"]
+        assert "GET" in routes.get(get["path"], set()), f"{probe} {get['path']} is no GET route"
+        assert get.get("port") in (None, m.container_port()), f"{probe} probes another port"
+    assert handler_container()["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert handler_container()["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    notify = urlsplit(_config_map_data()["KFP_TRAINER_NOTIFY_URL"]).path or "/"
+    assert "POST" in routes.get(notify, set()), f"KFP_TRAINER_NOTIFY_URL path {notify} is no POST"
+    # Triggers, the PingSource and the SinkBinding's broker deliver to the ksvc root.
+    assert "POST" in routes.get("/", set())
+    for doc in (*m.find("Trigger"), *m.find("PingSource")):
+        spec = doc.body["spec"]
+        destination = spec.get("subscriber") or spec["sink"]
+        if destination["ref"]["name"] == HANDLER:
+            assert destination.get("uri") in (None, "/"), f"{doc.label} posts to another path"
+
+
+def test_model_store_is_where_upload_model_puts_models():
+    from handler.remote import s3
+
+    settings = HandlerSettings.from_env(_deployed_env())
+    assert settings.model_store == s3.model_store(settings.remote)
