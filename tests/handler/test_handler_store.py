@@ -1,0 +1,142 @@
+"""The SQLite job store: atomic claims across processes, FIFO, one event per fact, outbox order."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from handler import contract
+from handler.store import QUEUED, RUNNING, JobStore
+
+
+def _scheduled(job):
+    return contract.make_event(contract.JOB_SCHEDULED, "/t", job.to_status())
+
+
+def _queue(store: JobStore, n: int, prefix: str = "job") -> list[str]:
+    uuids = [f"{prefix}-{i}" for i in range(n)]
+    for u in uuids:
+        store.insert_job(
+            job_uuid=u,
+            digest="d",
+            request={"job_uuid": u},
+            scheduled_at="2026-01-01T00:00:00Z",
+            event=_scheduled,
+        )
+    return uuids
+
+
+def _claim_all(db: str, owner: str, limit: int, out) -> None:
+    """Run in a separate process: claim as many jobs as the limit allows."""
+    store = JobStore(Path(db), busy_timeout_s=10)
+    claimed = []
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        job = store.claim_next(owner, limit, time.time())
+        if job is not None:
+            claimed.append(job.job_uuid)
+    out.put((owner, claimed))
+
+
+def test_claims_across_processes_respect_the_limit_and_the_order(tmp_path):
+    db = tmp_path / "h.sqlite3"
+    store = JobStore(db)
+    uuids = _queue(store, 6)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(str(db), f"w{i}", 2, out)) for i in range(4)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    claimed = [u for _, got in results for u in got]
+    assert sorted(claimed) == uuids[:2]  # two at most, and the two oldest
+    assert [j.state for j in store.jobs()] == ["starting"] * 2 + [QUEUED] * 4
+
+
+def test_claim_is_strictly_fifo_behind_a_job_waiting_for_retry(tmp_path):
+    store = JobStore(tmp_path / "h.sqlite3")
+    first, _ = _queue(store, 2)
+    store.update(first, when=lambda j: True, change=lambda j: {"next_submit_at": time.time() + 60})
+    assert store.claim_next("w", None, time.time()) is None
+
+
+def test_insert_is_idempotent_and_the_scheduled_event_is_born_sink_delivered(tmp_path):
+    store = JobStore(tmp_path / "h.sqlite3")
+    _queue(store, 1)
+    job, created = store.insert_job(
+        job_uuid="job-0",
+        digest="other",
+        request={},
+        scheduled_at="2026-01-02T00:00:00Z",
+        event=_scheduled,
+    )
+    assert not created
+    assert job.digest == "d"
+    rows = store.claim_outbox("w", now=time.time(), lease_s=60)
+    assert [(r.event_id, r.sink_done, r.local_done) for r in rows] == [
+        ("job-0/job.scheduled", True, False)
+    ]
+
+
+def test_update_emits_once_and_only_when_allowed(tmp_path):
+    store = JobStore(tmp_path / "h.sqlite3")
+    (u,) = _queue(store, 1)
+
+    def finish():
+        return store.update(
+            u,
+            when=lambda j: not j.terminal,
+            change=lambda j: {"state": "completed"},
+            emit=lambda j: contract.make_event(contract.JOB_COMPLETED, "/t", j.to_status()),
+        )
+
+    assert finish() is not None
+    assert finish() is None
+    types = [e["type"] for e in store.events(u)]
+    assert types == [contract.JOB_SCHEDULED, contract.JOB_COMPLETED]
+
+
+def test_update_refuses_unknown_columns(tmp_path):
+    store = JobStore(tmp_path / "h.sqlite3")
+    (u,) = _queue(store, 1)
+    with pytest.raises(ValueError, match="cannot set job columns"):
+        store.update(u, when=lambda j: True, change=lambda j: {"digest": "x"})
+
+
+def test_outbox_holds_a_jobs_later_events_behind_an_undelivered_one(tmp_path):
+    store = JobStore(tmp_path / "h.sqlite3")
+    a, b = _queue(store, 2)
+    for u in (a, b):
+        store.update(
+            u,
+            when=lambda j: True,
+            change=lambda j: {"state": RUNNING},
+            emit=lambda j: contract.make_event(contract.JOB_STARTED, "/t", j.to_status()),
+        )
+    rows = store.claim_outbox("w", now=time.time(), lease_s=60)
+    assert [r.event_id for r in rows] == [f"{a}/job.scheduled", f"{b}/job.scheduled"]
+    # Leased rows are not handed out twice; the jobs' next events wait behind them.
+    assert store.claim_outbox("v", now=time.time(), lease_s=60) == []
+    store.outbox_failed(rows[0].seq, error="x", retry_at=time.time() + 60, sink=True, local=False)
+    store.outbox_done(rows[1].seq, sink=True, local=True)
+    rows = store.claim_outbox("w", now=time.time(), lease_s=60)
+    assert [r.event_id for r in rows] == [f"{b}/job.started"]
+    # An expired lease (its worker died) is handed out again.
+    later = store.claim_outbox("v", now=time.time() + 120, lease_s=60)
+    assert [r.event_id for r in later] == [f"{a}/job.scheduled", f"{b}/job.started"]
+    assert later[0].attempts == 1
+
+
+def test_an_unopenable_store_is_unavailable(tmp_path):
+    from handler.store import StoreUnavailable
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    store = JobStore(blocker / "h.sqlite3")
+    with pytest.raises(StoreUnavailable, match="cannot be opened"):
+        store.ping()
