@@ -146,9 +146,45 @@ class HandlerService:
     # -- queries ---------------------------------------------------------------------------------
 
     def job(self, job_uuid: str) -> dict[str, Any] | None:
-        """A job's status (job.status.json shape), or None."""
+        """A job's status (job.status.json shape), or None.
+
+        With a backend that ``describes_jobs`` (remote: KFP is the system of record), an
+        active job is refreshed from the backend first (reaching a terminal state emits its
+        event, as a reconcile would), and a job this replica's store does not know is answered
+        from the backend alone.
+        """
         job = self.store.job(job_uuid)
+        if not getattr(self.backend, "describes_jobs", False):
+            return job.to_status() if job else None
+        try:
+            if job is None:
+                return self._describe(job_uuid)
+            if job.state == RUNNING:
+                job = self._apply(job, self.backend.status(job_uuid, job.run_id)) or job
+        except BackendUnavailable as exc:
+            log.warning(
+                "backend unavailable; answering from the store", extra={"problem": str(exc)}
+            )
         return job.to_status() if job else None
+
+    def _describe(self, job_uuid: str) -> dict[str, Any] | None:
+        state = self.backend.status(job_uuid, None)
+        if state.run_id is None:
+            return None
+        result = state.result or {}
+        return {
+            "job_uuid": job_uuid,
+            "status": state.status.value,
+            "run_id": state.run_id,
+            "scheduled_at": None,
+            "started_at": _iso(state.started_at),
+            "completed_at": _iso(state.completed_at),
+            "progress": _progress(state.progress),
+            "checkpoints": list(result.get("checkpoints") or []),
+            "resources_allocated": result.get("resources_allocated"),
+            "dataset_rows": result.get("dataset_rows"),
+            "error": state.error,
+        }
 
     def jobs(self) -> list[dict[str, Any]]:
         return [j.to_status() for j in self.store.jobs()]
@@ -204,8 +240,12 @@ class HandlerService:
             return data
         from pipelines.staging import StagingError, resolve_model_uri
 
+        store = self.settings.model_store
+        default_store = getattr(self.backend, "default_model_store", None)
+        if not store and default_store is not None:
+            store = default_store()
         try:
-            uri = resolve_model_uri(data["model"], self.settings.model_store)
+            uri = resolve_model_uri(data["model"], store)
         except StagingError as exc:
             raise BadRequest(f"model_artifact: not given and not resolvable: {exc}") from None
         except OSError as exc:
@@ -287,6 +327,11 @@ class HandlerService:
         if flagged.run_id:
             self.backend.cancel(job_uuid, flagged.run_id)
             self._cancel_sent[job_uuid] = time.monotonic()
+            # A backend that reports the cancel at once (KFP: CANCELING) ends the job now,
+            # not at the next poll or ping.
+            ended = self._apply(flagged, self.backend.status(job_uuid, flagged.run_id))
+            if ended is not None and ended.terminal:
+                return json_reply(202, {"job_uuid": job_uuid, "status": ended.status.value})
         log.info("cancel requested", extra={"job_uuid": job_uuid, "run_id": flagged.run_id})
         self._wake_dispatch.set()
         return json_reply(202, {"job_uuid": job_uuid, "status": "cancelling"})

@@ -59,6 +59,11 @@ class Backend(Protocol):
     submit every queued job at once (KFP queues them itself). ``poll_interval_s: float | None``
     [None]: how often the owning worker calls ``status()`` for its active jobs; None means only
     when a ``run.finished`` notice or a ``dev.knative.sources.ping`` tick arrives.
+    ``describes_jobs: bool`` [False]: the backend is a system of record, so GET /jobs/<id>
+    refreshes an active job from ``status()`` and answers from ``status(job_uuid, None)`` for a
+    job this replica's store does not know (``run_id`` None there means "no such job").
+    ``default_model_store() -> str`` [absent]: where model names resolve when
+    KFP_TRAINER_MODEL_STORE is empty.
 
     States: ``status()`` answers ``JobStatus.scheduled`` while the run waits, ``in_progress``
     while it runs, and a terminal status with ``result`` (pipelines' RunResult dict) and

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from handler.backends.base import RunState
 from handler.backends.local import LocalBackend
 from handler.backends.noop import NoopBackend
+from handler.contract import JobStatus
 from handler.settings import HandlerSettings
 from handler.store import JobStore
 
@@ -36,3 +38,23 @@ class BrokenBackend(NoopBackend):
 
     def ready(self) -> bool:
         raise RuntimeError("secret-internal-detail /var/run/token")
+
+
+class DescribingBackend(NoopBackend):
+    """A system-of-record backend (like remote KFP): knows jobs this replica never saw, and
+    names a default model store (from KFP_TRAINER_STATE_DIR/models, for the test)."""
+
+    name = "describing"
+    describes_jobs = True
+
+    def status(self, job_uuid: str, run_id: str | None) -> RunState:
+        if run_id is None and not job_uuid.startswith("elsewhere-"):
+            return RunState(JobStatus.scheduled, None)
+        return RunState(
+            JobStatus.completed,
+            run_id or f"kfp-{job_uuid}",
+            result={"dataset_rows": 3, "checkpoints": []},
+        )
+
+    def default_model_store(self) -> str:
+        return str(self.settings.state_dir.parent / "default-models")

@@ -381,3 +381,32 @@ def test_unknown_route_and_method_answer_json(client):
     r = client.put("/")
     assert r.status_code == 405
     assert r.json["error"] == "method_not_allowed"
+
+
+# -- backends that are a system of record (remote) ---------------------------------------------
+
+DESCRIBING = "tests.handler.backends_for_tests:DescribingBackend"
+
+
+def test_job_status_from_a_describing_backend(make_app, env):
+    client = make_app(env, KFP_TRAINER_BACKEND=DESCRIBING).test_client()
+    r = client.get("/jobs/elsewhere-1")
+    assert r.status_code == 200
+    assert (r.json["status"], r.json["run_id"], r.json["dataset_rows"]) == (
+        "completed",
+        "kfp-elsewhere-1",
+        3,
+    )
+    assert client.get("/jobs/unknown-anywhere").status_code == 404
+
+
+def test_model_store_defaults_to_the_backends(make_app, env, dataset, model_store, tmp_path):
+    import shutil
+
+    shutil.copytree(model_store, tmp_path / "default-models")
+    app = make_app(env, KFP_TRAINER_BACKEND=DESCRIBING, KFP_TRAINER_MODEL_STORE="")
+    m = requested_message(request_data("job-dm", dataset))
+    r = app.test_client().post("/", headers=m.headers, data=m.body)
+    assert r.status_code == 200, r.json
+    request = app.extensions[EXTENSION].store.request("job-dm")
+    assert request["model_artifact"]["uri"] == str(tmp_path / "default-models" / "llama3.2-tiny")
