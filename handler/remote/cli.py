@@ -32,6 +32,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--from",
         dest="source",
+        metavar="DIR",
         type=Path,
         help=f"model directory (default: {DEFAULT_CHECKPOINTS}/<model>)",
     )
