@@ -5,7 +5,8 @@ returns; training happens in the pipeline. Status, artifacts and the job list an
 provider's :class:`~provider.state.JobStore`, which the handler's events keep current.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: llama-stack builds its FastAPI routes from
+# these methods' signatures, and string annotations would reach FastAPI unresolved.
 
 import asyncio
 import logging
@@ -25,6 +26,7 @@ from llama_stack.apis.post_training import (
     TrainingConfig,
 )
 from llama_stack.apis.post_training.post_training import AlgorithmConfig
+from llama_stack.providers.datatypes import HealthResponse, HealthStatus
 
 from provider.config import KfpTrainerConfig
 from provider.request import ADAPTER, build_request
@@ -33,6 +35,17 @@ from provider.state import JobStore, is_terminal, now_iso, to_job_status
 from provider.transport import DeliveryFailed, Transport, make_transport
 
 log = logging.getLogger("provider.impl")
+
+
+def _json_logs() -> None:
+    """The provider's own log lines as JSON on stdout, like the handler's (same formatter)."""
+    from handler import logs
+
+    logger = logging.getLogger("provider")
+    if not logger.handlers:
+        logger.addHandler(logs.stdout_handler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 class JobNotFound(ValueError):
@@ -85,6 +98,7 @@ class KfpTrainerPostTraining:
 
     async def initialize(self) -> None:
         """Open the job store, start the transport, catch up on jobs that moved while down."""
+        _json_logs()
         self.config.state_path.mkdir(parents=True, exist_ok=True)
         self._store.start()
         self._transport.start(self._on_update)
@@ -97,6 +111,13 @@ class KfpTrainerPostTraining:
     async def shutdown(self) -> None:
         self._transport.stop()
         self._store.stop()
+
+    async def health(self) -> HealthResponse:
+        """OK when the handler can take work (in-process service or remote /readyz)."""
+        problems = await asyncio.to_thread(self._transport.problems)
+        if problems:
+            return HealthResponse(status=HealthStatus.ERROR, message="; ".join(problems))
+        return HealthResponse(status=HealthStatus.OK)
 
     def _on_update(self, update: dict[str, Any]) -> None:
         """Called from the transport's threads for every status event."""

@@ -90,3 +90,8 @@ class LocalTransport:
 
     def job(self, job_uuid: str) -> Update | None:
         return self._running().job(job_uuid)
+
+    def problems(self) -> list[str]:
+        if self._service is None:
+            return ["the in-process handler is not started"]
+        return [f"{part}: {why}" for part, why in self._service.readiness().items()]

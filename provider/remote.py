@@ -62,6 +62,14 @@ class RemoteTransport:
             what=f"{event.get_type()} for job {event.get_subject()!r} to {config.broker_url}",
         )
 
+    def problems(self) -> list[str]:
+        url = f"{self._config.handler_url.rstrip('/')}/readyz"
+        try:
+            reply = self._http().get(url, timeout=min(self._config.http_timeout_s, 0.8))
+        except OSError as exc:
+            return [f"handler {url} unreachable: {type(exc).__name__}"]
+        return [] if reply.status_code == 200 else [f"handler {url}: {reason(reply.content)}"]
+
     def job(self, job_uuid: str) -> Update | None:
         """The handler's view of one job; None when it answers 404."""
         url = f"{self._config.handler_url.rstrip('/')}/jobs/{quote(job_uuid, safe='')}"

@@ -2,7 +2,8 @@
 
 The training run never talks to llama-stack, so the rows travel by URI. This module reads the
 whole dataset (no truncation: it follows ``has_more`` until the end), checks each row has the
-columns its ``data_format`` needs, and streams the JSON lines into a :class:`Sink` (a local file
+columns its ``data_format`` needs (as text: pandas reads a csv answer ``7`` as a number), and
+streams the JSON lines into a :class:`Sink` (a local file
 here, S3 multipart in :mod:`provider.s3stage`) while counting rows and hashing the bytes.
 """
 
@@ -101,10 +102,23 @@ def encode_row(row: dict[str, Any]) -> bytes:
     return (json.dumps(clean, ensure_ascii=False, default=_plain) + "\n").encode("utf-8")
 
 
-def check_row(dataset_id: str, index: int, row: Any, data_format: str) -> None:
-    """Raise :class:`DatasetError` naming the row and column when a needed column is absent."""
+def _as_text(value: Any) -> Any:
+    """Undo pandas' number inference on a text column: a csv answer ``7`` is the text "7"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def check_row(dataset_id: str, index: int, row: Any, data_format: str) -> dict[str, Any]:
+    """The row ready to stage: its format's columns present and text.
+
+    :raises DatasetError: naming the row and column when a needed column is absent or empty.
+    """
     if not isinstance(row, dict):
         raise DatasetError(f"dataset {dataset_id!r} row {index} is not an object")
+    row = dict(row)
     for column in REQUIRED_COLUMNS.get(data_format, ()):
         value = row.get(column)
         if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
@@ -112,6 +126,8 @@ def check_row(dataset_id: str, index: int, row: Any, data_format: str) -> None:
                 f"dataset {dataset_id!r} row {index} has no {column!r}; data_format "
                 f"{data_format!r} needs columns {', '.join(REQUIRED_COLUMNS[data_format])}"
             )
+        row[column] = _as_text(value)
+    return row
 
 
 async def stage_dataset(
@@ -138,8 +154,7 @@ async def stage_dataset(
             data = list(page.data)
             chunk = bytearray()
             for offset, row in enumerate(data):
-                check_row(dataset_id, rows + offset, row, data_format)
-                chunk += encode_row(row)
+                chunk += encode_row(check_row(dataset_id, rows + offset, row, data_format))
             if chunk:
                 digest.update(chunk)
                 size += len(chunk)

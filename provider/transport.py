@@ -73,6 +73,10 @@ class Transport(Protocol):
         """The handler's job.status.json view of a job, or None when it does not know it."""
         ...
 
+    def problems(self) -> list[str]:
+        """Why the handler cannot take work now ([] when it can); backs the provider's health."""
+        ...
+
 
 def make_transport(config: KfpTrainerConfig) -> Transport:
     """The transport for ``config.mode`` (one lookup; no mode checks elsewhere)."""

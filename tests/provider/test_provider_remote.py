@@ -219,3 +219,20 @@ def test_status_comes_from_the_handlers_jobs_route() -> None:
         assert transport.job("job-7") == view
         assert transport.job("other") is None
     assert [r.path for r in handler.received] == ["/jobs/job-7", "/jobs/other"]
+
+
+def test_health_problems_come_from_the_handlers_readyz() -> None:
+    from provider.remote import RemoteTransport
+
+    script = [
+        Scripted(200, b'{"status":"ready"}'),
+        Scripted(
+            503, b'{"error":"unavailable","message":"backend: the remote backend is not ready"}'
+        ),
+    ]
+    with LoopbackServer(script) as handler:
+        transport = RemoteTransport(_config("http://127.0.0.1:9", handler.url))
+        assert transport.problems() == []
+        (problem,) = transport.problems()
+        assert problem.endswith("/readyz: backend: the remote backend is not ready")
+    assert [r.path for r in handler.received] == ["/readyz", "/readyz"]

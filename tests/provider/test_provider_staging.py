@@ -143,3 +143,23 @@ def test_extra_columns_and_numbers_pass_through(tmp_path) -> None:
     staged = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["weight"] for r in staged] == [0, 1, 2]
     assert all(r["note"] is None for r in staged)
+
+
+def test_numeric_answers_read_by_pandas_stay_text(tmp_path) -> None:
+    path = tmp_path / "numbers.csv"
+    path.write_text(
+        'chat_completion_input,expected_answer\n"[{""role"": ""user"", ""content"": ""1+1""}]",2\n'
+        '"[{""role"": ""user"", ""content"": ""half""}]",0.5\n'
+    )
+
+    async def go():
+        io = await _datasetio(tmp_path, {"n": {"type": "uri", "uri": str(path)}})
+        out = tmp_path / "n.jsonl"
+        await stage_dataset(io, "n", FileSink(out), data_format="instruct", page_size=10)
+        return out
+
+    out = asyncio.run(go())
+    staged = [json.loads(line) for line in out.read_text().splitlines()]
+    # pandas read the column as floats (2.0, 0.5); the staged text is what the csv said
+    assert [r["expected_answer"] for r in staged] == ["2", "0.5"]
+    assert json.loads(staged[0]["chat_completion_input"]) == [{"role": "user", "content": "1+1"}]
