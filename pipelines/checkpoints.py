@@ -100,7 +100,9 @@ def save_checkpoint(
         n_heads = int(params["n_heads"])
         n_kv = int(params.get("n_kv_heads", n_heads))
         dim = int(params["dim"])
-        state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+        # A copy: merging adds the LoRA delta in place, and on CPU ``.to("cpu")`` would alias
+        # the live weights (the next epoch would train on a base that already holds the delta).
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
         adapter_dir = tmp / ADAPTER_DIR
         adapter_dir.mkdir()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,9 +36,11 @@ def register(subparsers: Any) -> None:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from pipelines.tiny import write_tiny_model
+    # torchao prints an import notice on stdout; keep stdout for the JSON answer.
+    with contextlib.redirect_stdout(sys.stderr):
+        from pipelines.tiny import write_tiny_model
 
-    out = write_tiny_model(args.out, seed=args.seed)
+        out = write_tiny_model(args.out, seed=args.seed)
     print(json.dumps({"model": "llama3.2-tiny", "path": str(out.resolve())}))
     return 0
 

@@ -1,0 +1,68 @@
+"""Fixtures for the pipeline tests: one tiny model per session, its archives, an S3 stand-in."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.pipelines.pipeline_helpers import make_tar
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random-weight llama3.2-tiny checkpoint (Meta layout), written once."""
+    from pipelines.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "llama3.2-tiny")
+
+
+@pytest.fixture(scope="session")
+def model_archives(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny model as .tar, .tar.gz, and a plain tar misnamed .tar.gz."""
+    root = tmp_path_factory.mktemp("archives")
+    return {
+        "tar": make_tar(tiny_model, root / "tiny.tar", gzip=False),
+        "tar.gz": make_tar(tiny_model, root / "tiny.tar.gz", gzip=True),
+        "misnamed": make_tar(tiny_model, root / "plain-tar-named.tar.gz", gzip=False),
+    }
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A moto S3 server (server mode, real HTTP) on a free loopback port."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point boto3 (here and in task subprocesses) at the moto server."""
+    env = {
+        "S3_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def bucket(s3_env: dict[str, str], request: pytest.FixtureRequest) -> str:
+    """A fresh bucket per test."""
+    from pipelines.storage import s3_client
+
+    name = "t-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    s3_client().create_bucket(Bucket=name)
+    return name

@@ -1,0 +1,336 @@
+"""Real KFP local runs (SubprocessRunner, use_venv=False) of the real pipeline on llama3.2-tiny.
+
+Each test runs the whole pipeline (importers, train, exit-handler notify) in its own workdir
+and pipeline root; the `run` command is exercised as a subprocess, exactly as the handler
+spawns it. Timings are not asserted here (see bench/bench_pipeline.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from pipelines import storage
+from pipelines.result import RunResult
+from pipelines.settings import PipelineSettings
+from tests.pipelines.pipeline_helpers import make_request, make_tar, run_cli, write_rows
+from tests.pipelines.test_pipeline_units import receiver  # noqa: F401  (fixture)
+
+# The trainer image's name need not contain "python"; kfp.local warns about that.
+pytestmark = pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")
+
+
+def _load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _logits(model, tokens):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).float()
+
+
+def _run_local(request: dict, workdir: Path, cache: Path, **arguments: str) -> None:
+    """The pipeline function called under kfp.local, as local.run_request does, with extras."""
+    from kfp import local
+
+    from pipelines.pipeline import build_pipeline, pipeline_arguments
+
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(workdir / "pipeline_root"),
+        raise_on_error=False,
+    )
+    pipeline = build_pipeline(PipelineSettings(cache_dir=cache))
+    pipeline(**pipeline_arguments(request, **arguments))
+
+
+def test_run_trains_checkpoints_and_notifies(
+    tmp_path: Path,
+    tiny_model: Path,
+    receiver,  # noqa: F811
+) -> None:
+    url, handler = receiver
+    train = write_rows(tmp_path / "train.jsonl", 40)
+    val = write_rows(tmp_path / "val.jsonl", 8, offset=100)
+    request = make_request(
+        "job-main", str(tiny_model), str(train), validation_dataset={"uri": str(val)}
+    )
+    request["training_config"]["dtype"] = "fp32"
+    request["training_config"]["efficiency_config"] = {
+        "enable_activation_checkpointing": True,
+        "enable_activation_offloading": True,
+    }
+    result_dir = tmp_path / "result"
+    progress = tmp_path / "progress.json"
+    _run_local(
+        request,
+        tmp_path / "work",
+        tmp_path / "cache",
+        result_uri=str(result_dir),
+        progress_path=str(progress),
+        notify_url=url,
+        notify_event_type="io.llamastack.posttraining.run.finished",
+    )
+
+    result = RunResult.read(result_dir / "result.json")
+    assert result.status == "completed" and result.error is None
+    assert result.dataset_rows == 40
+    assert [c["epoch"] for c in result.checkpoints] == [0, 1]
+    for ckpt in result.checkpoints:
+        assert ckpt["identifier"] == f"llama3.2-tiny-sft-{ckpt['epoch']}"
+        assert ckpt["post_training_job_id"] == "job-main" and ckpt["created_at"]
+        m = ckpt["training_metrics"]
+        assert math.isfinite(m["train_loss"]) and math.isfinite(m["validation_loss"])
+        assert m["perplexity"] == pytest.approx(math.exp(m["validation_loss"]))
+    assert result.resources_allocated["device"] == "cpu"
+    assert result.resources_allocated["dtype"] == "fp32"
+    assert result.resources_allocated["peak_memory_bytes"] > 0
+    assert [m["steps"] for m in result.metrics] == [3, 3]
+    assert all(m["tokens_per_second"] > 0 for m in result.metrics)
+    record = json.loads(progress.read_text())
+    assert (record["step"], record["total_steps"], record["epoch"]) == (6, 6, 1)
+    assert math.isfinite(record["loss"])
+
+    # Adapter weights changed: LoRA B starts at zero and differs between epochs.
+    first = _load(Path(result.checkpoints[0]["path"]) / "adapter" / "adapter_model.pt")
+    last = _load(Path(result.checkpoints[1]["path"]) / "adapter" / "adapter_model.pt")
+    b_keys = [k for k in last if "lora_b" in k]
+    assert b_keys and all(last[k].abs().sum() > 0 for k in b_keys)
+    assert any(not first[k].equal(last[k]) for k in last)
+
+    # The merged checkpoint reloads into the plain model and equals base + adapter.
+    from pipelines.modeling import (
+        build_lora_model,
+        build_model,
+        load_base_weights,
+        load_meta_state_dict,
+        load_tokenizer,
+    )
+    from pipelines.models import lookup
+
+    spec = lookup("llama3.2-tiny")
+    merged_dir = Path(result.checkpoints[1]["path"]) / "model"
+    assert sorted(p.name for p in merged_dir.iterdir()) == [
+        "consolidated.00.pth",
+        "params.json",
+        "tokenizer.model",
+    ]
+    plain = build_model(spec)
+    plain.load_state_dict(load_meta_state_dict(merged_dir, spec), strict=True)
+    lora = build_lora_model(spec, request["algorithm_config"])
+    load_base_weights(lora, load_meta_state_dict(tiny_model, spec), tiny_model)
+    lora.load_state_dict(last, strict=False)
+    tokens = load_tokenizer(merged_dir, 64).encode("What is 2 plus 2?")
+    assert _logits(plain, tokens) == pytest.approx(_logits(lora, tokens), abs=1e-4)
+
+    # The exit handler posted the notice.
+    headers, body = handler.got[-1]
+    assert {k.lower(): v for k, v in headers.items()}["ce-id"] == "job-main/run.finished"
+    assert body["state"] == "SUCCEEDED" and body["job_uuid"] == "job-main" and body["run_id"]
+
+
+def test_failed_run_notifies_and_records_the_error(
+    tmp_path: Path,
+    tiny_model: Path,
+    receiver,  # noqa: F811
+) -> None:
+    url, handler = receiver
+    dialog_rows = write_rows(tmp_path / "train.jsonl", 5, "dialog")
+    request = make_request("job-badrows", str(tiny_model), str(dialog_rows))
+    _run_local(
+        request,
+        tmp_path / "work",
+        tmp_path / "cache",
+        result_uri=str(tmp_path / "result"),
+        notify_url=url,
+        notify_event_type="t",
+    )
+    result = RunResult.read(tmp_path / "result" / "result.json")
+    assert result.status == "failed" and not result.checkpoints
+    assert result.error.startswith(
+        "dataset train.jsonl line 1: missing field 'chat_completion_input'"
+    )
+    assert not (tmp_path / "result" / "checkpoints").exists()
+    assert handler.got[-1][1]["state"] == "FAILED"
+
+
+def test_run_command_5000_rows_arrive_in_full(tmp_path: Path, tiny_model: Path) -> None:
+    data = write_rows(tmp_path / "big.jsonl", 5000, "dialog")
+    request = make_request("job-5000", str(tiny_model), str(data))
+    request["training_config"].update(n_epochs=1, max_steps_per_epoch=1)
+    request["training_config"]["data_config"]["data_format"] = "dialog"
+    proc, out = run_cli(request, tmp_path, "--progress", str(tmp_path / "p.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout)  # stdout holds the result JSON and nothing else
+    assert printed == json.loads(out.read_text())
+    assert printed["status"] == "completed" and printed["dataset_rows"] == 5000
+    assert json.loads((tmp_path / "p.json").read_text())["total_steps"] == 1
+
+
+def _adapters(result: dict) -> dict:
+    return _load(Path(result["checkpoints"][-1]["path"]) / "adapter" / "adapter_model.pt")
+
+
+def test_dir_tar_and_tar_gz_give_the_same_result_and_the_cache_hits(
+    tmp_path: Path, tiny_model: Path, model_archives: dict[str, Path]
+) -> None:
+    data = write_rows(tmp_path / "train.jsonl", 24)
+    env = {"KFP_TRAINER_CACHE_DIR": str(tmp_path / "cache")}
+    results, logs = {}, {}
+    for kind, uri in (
+        ("dir", tiny_model),
+        ("tar", model_archives["tar"]),
+        ("tar.gz", model_archives["tar.gz"]),
+        ("tar.gz-again", model_archives["tar.gz"]),
+    ):
+        request = make_request(f"job-{kind.replace('.', '-')}", str(uri), str(data))
+        proc, out = run_cli(request, tmp_path / kind, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[kind] = json.loads(out.read_text())
+        logs[kind] = [
+            json.loads(line.strip())
+            for line in proc.stderr.splitlines()
+            if '"model staged"' in line
+        ]
+        if kind == "tar.gz":  # mark the cache entry: a re-extraction would lose this
+            staged = Path(logs[kind][0]["dir"])
+            (staged / "sentinel").write_text("x")
+
+    losses = {k: [m["train_loss"] for m in r["metrics"]] for k, r in results.items()}
+    assert losses["dir"] == losses["tar"] == losses["tar.gz"] == losses["tar.gz-again"]
+    ref = _adapters(results["dir"])
+    for kind in ("tar", "tar.gz"):
+        got = _adapters(results[kind])
+        assert got.keys() == ref.keys() and all(got[k].equal(ref[k]) for k in ref)
+
+    assert [e["cache"] for e in logs["dir"]] == ["none"]
+    assert [e["cache"] for e in logs["tar"]] == ["miss"]
+    assert [e["cache"] for e in logs["tar.gz"]] == ["miss"]
+    assert [e["cache"] for e in logs["tar.gz-again"]] == ["hit"]
+    assert logs["tar.gz-again"][0]["dir"] == logs["tar.gz"][0]["dir"]
+    assert (Path(logs["tar.gz-again"][0]["dir"]) / "sentinel").read_text() == "x"
+
+
+def test_hostile_tarball_fails_the_run_before_training(tmp_path: Path, tiny_model: Path) -> None:
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tiny_model, arcname="llama3.2-tiny")
+        link = tarfile.TarInfo("llama3.2-tiny/escape")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../../etc"
+        tar.addfile(link)
+    data = write_rows(tmp_path / "train.jsonl", 8)
+    env = {"KFP_TRAINER_CACHE_DIR": str(tmp_path / "cache")}
+    proc, out = run_cli(make_request("job-evil", str(archive), str(data)), tmp_path, env=env)
+    assert proc.returncode == 1
+    result = json.loads(out.read_text())
+    assert result["status"] == "failed"
+    assert "member 'llama3.2-tiny/escape' is a symlink pointing outside" in result["error"]
+    assert str(archive) in result["error"]
+    assert '"progress"' not in proc.stderr  # no training step ran
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".digests"]
+
+
+def test_bad_config_is_refused_before_any_run(tmp_path: Path, tiny_model: Path) -> None:
+    data = write_rows(tmp_path / "train.jsonl", 8)
+    request = make_request("job-rank0", str(tiny_model), str(data))
+    request["algorithm_config"].update(rank=0, lora_attn_modules=["q_proj", "attn"])
+    proc, out = run_cli(request, tmp_path)
+    assert proc.returncode == 1
+    error = json.loads(out.read_text())["error"]
+    assert "algorithm_config.rank: 0 must be >= 1" in error
+    assert "unknown module(s) 'attn'" in error
+    assert not (tmp_path / "work").exists()  # no pipeline was started
+
+
+def test_run_command_resolves_the_model_from_a_store(tmp_path: Path, tiny_model: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    make_tar(tiny_model, store / "llama3.2-tiny.tar.gz", gzip=True)
+    data = write_rows(tmp_path / "train.jsonl", 8)
+    request = make_request("job-store", "x", str(data))
+    del request["model_artifact"]
+    request["training_config"].update(n_epochs=1, max_steps_per_epoch=1)
+    request_missing = {**request, "model": "Llama3.2-1B-Instruct"}
+    proc, out = run_cli(request_missing, tmp_path / "missing", "--model-store", str(store))
+    assert proc.returncode == 1
+    assert (
+        "model 'Llama3.2-1B-Instruct' not found in model store"
+        in json.loads(out.read_text())["error"]
+    )
+    env = {"KFP_TRAINER_CACHE_DIR": str(tmp_path / "cache")}
+    proc, out = run_cli(request, tmp_path / "ok", "--model-store", str(store), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["status"] == "completed"
+
+
+def test_compiled_package_runs_with_s3_artifacts_and_publishes_to_s3(
+    tmp_path: Path, bucket: str, model_archives: dict[str, Path]
+) -> None:
+    """The compiled IR (what a KFP server gets), run by kfp.local on s3:// URIs: the train task
+    fetches them itself and publishes checkpoints and result.json under result_uri."""
+    import yaml
+    from google.protobuf import json_format
+    from kfp import local
+    from kfp.local import pipeline_orchestrator
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from pipelines.pipeline import compile_pipeline, pipeline_arguments
+
+    model_uri = storage.publish(
+        model_archives["tar.gz"], f"s3://{bucket}/models/llama3.2-tiny.tar.gz"
+    )
+    data_uri = storage.publish(
+        write_rows(tmp_path / "train.jsonl", 12), f"s3://{bucket}/datasets/job-s3/train.jsonl"
+    )
+    val_uri = storage.publish(
+        write_rows(tmp_path / "val.jsonl", 4, offset=50), f"s3://{bucket}/datasets/job-s3/val.jsonl"
+    )
+    request = make_request(
+        "job-s3",
+        model_uri,
+        data_uri,
+        validation_dataset={"uri": val_uri},
+        checkpoint_format="huggingface",
+    )
+    request["training_config"]["n_epochs"] = 1
+    result_uri = f"s3://{bucket}/jobs/job-s3/"
+    settings = PipelineSettings(
+        cache_dir=tmp_path / "cache", s3_endpoint_url=os.environ["S3_ENDPOINT_URL"]
+    )
+    package = compile_pipeline(settings, tmp_path / "pipeline.yaml")
+    spec = json_format.ParseDict(
+        next(yaml.safe_load_all(package.read_text())), pipeline_spec_pb2.PipelineSpec()
+    )
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(tmp_path / "root"),
+        raise_on_error=True,
+    )
+    pipeline_orchestrator.run_local_pipeline(
+        spec, pipeline_arguments(request, result_uri=result_uri)
+    )
+
+    result = RunResult.from_dict(json.loads(storage.get_bytes(result_uri + "result.json")))
+    assert result.status == "completed" and result.dataset_rows == 12
+    (ckpt,) = result.checkpoints
+    assert ckpt["path"] == f"s3://{bucket}/jobs/job-s3/checkpoints/llama3.2-tiny-sft-0"
+    assert math.isfinite(ckpt["training_metrics"]["validation_loss"])
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "model/model.safetensors",
+        "model/config.json",
+        "model/tokenizer.model",
+    ):
+        assert storage.exists(f"{ckpt['path']}/{name}") == "file", name
+    config = json.loads(storage.get_bytes(f"{ckpt['path']}/model/config.json"))
+    assert config["tie_word_embeddings"] is True and config["vocab_size"] == 577

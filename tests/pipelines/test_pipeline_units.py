@@ -1,0 +1,654 @@
+"""Fast checks of the pipeline's parts: settings, registry, validation, data, staging, storage,
+results, the tiny model, the notice and the compiled spec. Real files, real tar archives, a real
+HTTP receiver and a moto S3 server; no KFP run here (see test_pipeline_runs.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import storage
+from pipelines.data import DatasetError, read_dataset
+from pipelines.models import known_models, lookup
+from pipelines.result import RunResult
+from pipelines.settings import PipelineSettings, SettingsError
+from pipelines.staging import StagingError, archive_kind, resolve_model_uri, stage_model
+from pipelines.validation import check_request
+from tests.pipelines.pipeline_helpers import make_request, write_rows
+
+# ---------------------------------------------------------------- settings
+
+
+def test_settings_from_env_reads_every_field(tmp_path: Path) -> None:
+    s = PipelineSettings.from_env(
+        {
+            "KFP_TRAINER_BASE_IMAGE": "registry.example/trainer:1",
+            "KFP_TRAINER_MEMORY_REQUEST": "8Gi",
+            "KFP_TRAINER_MEMORY_LIMIT": "16Gi",
+            "KFP_TRAINER_CPU_REQUEST": "4",
+            "KFP_TRAINER_ACCELERATOR_TYPE": "amd.com/gpu",
+            "KFP_TRAINER_ACCELERATOR_COUNT": "2",
+            "KFP_TRAINER_CHECKPOINT_FORMAT": "huggingface",
+            "KFP_TRAINER_NODE_SELECTOR": '{"pool": "gpu"}',
+            "KFP_TRAINER_TOLERATIONS": '[{"key": "gpu", "operator": "Exists"}]',
+            "KFP_TRAINER_IMAGE_PULL_SECRETS": "a, b",
+            "KFP_TRAINER_MODEL_CACHE_PVC": "models",
+            "KFP_TRAINER_S3_SECRET": "creds",
+            "S3_ENDPOINT_URL": "http://minio:9000",
+            "KFP_TRAINER_CACHE_DIR": str(tmp_path),
+        }
+    )
+    assert s.base_image == "registry.example/trainer:1"
+    assert (s.memory_request, s.memory_limit, s.cpu_request) == ("8Gi", "16Gi", "4")
+    assert (s.accelerator_type, s.accelerator_count) == ("amd.com/gpu", 2)
+    assert s.checkpoint_format == "huggingface"
+    assert s.node_selector == {"pool": "gpu"}
+    assert s.tolerations == ({"key": "gpu", "operator": "Exists"},)
+    assert s.image_pull_secrets == ("a", "b")
+    assert s.model_cache_pvc == "models" and s.task_cache_dir == "/var/cache/kfp-trainer"
+    assert s.s3_secret_name == "creds" and s.s3_endpoint_url == "http://minio:9000"
+    assert s.cache_dir == tmp_path
+
+
+def test_settings_defaults() -> None:
+    s = PipelineSettings.from_env({})
+    assert (s.accelerator_type, s.accelerator_count) == ("nvidia.com/gpu", 0)
+    assert s.checkpoint_format == "meta" and s.s3_secret_name == "kfp-trainer-s3"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("KFP_TRAINER_CHECKPOINT_FORMAT", "gguf", r"KFP_TRAINER_CHECKPOINT_FORMAT='gguf'"),
+        ("KFP_TRAINER_ACCELERATOR_COUNT", "two", r"KFP_TRAINER_ACCELERATOR_COUNT='two' is not"),
+        ("KFP_TRAINER_ACCELERATOR_COUNT", "-1", r"must be >= 0"),
+        ("KFP_TRAINER_NODE_SELECTOR", "[1]", r"KFP_TRAINER_NODE_SELECTOR=.*expected a JSON dict"),
+        ("KFP_TRAINER_NODE_SELECTOR", "{", r"KFP_TRAINER_NODE_SELECTOR=.*not valid JSON"),
+        ("KFP_TRAINER_TOLERATIONS", '[{"colour": 1}]', r"TOLERATIONS\[0\] has unknown fields"),
+    ],
+)
+def test_settings_errors_name_the_variable(name: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        PipelineSettings.from_env({name: value})
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_knows_the_models_and_lists_them_when_unknown() -> None:
+    assert known_models() == [
+        "Llama3.2-1B-Instruct",
+        "Llama3.2-3B-Instruct",
+        "Llama3.1-8B-Instruct",
+        "llama3.2-tiny",
+    ]
+    assert lookup("meta-llama/Llama-3.2-1B-Instruct").name == "Llama3.2-1B-Instruct"
+    with pytest.raises(ValueError, match=r"unknown model 'Llama2-7B'; known models: Llama3\.2-1B"):
+        lookup("Llama2-7B")
+
+
+def test_registry_builders_exist() -> None:
+    import importlib
+
+    for name in known_models():
+        spec = lookup(name)
+        for dotted in (spec.builder, spec.lora_builder):
+            module, _, attr = dotted.partition(":")
+            assert callable(getattr(importlib.import_module(module), attr)), dotted
+
+
+# ---------------------------------------------------------------- request validation
+
+
+@pytest.fixture
+def good_request(tmp_path: Path, tiny_model: Path) -> dict:
+    data = write_rows(tmp_path / "train.jsonl", 4)
+    return make_request("job-v", str(tiny_model), str(data))
+
+
+def test_good_request_has_no_problems(good_request: dict) -> None:
+    assert check_request(good_request) == []
+
+
+def _with(request: dict, path: str, value: object) -> dict:
+    out = json.loads(json.dumps(request))
+    node = out
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node[p]
+    if value is _DELETE:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return out
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("algorithm_config.rank", 0, r"algorithm_config\.rank: 0 must be >= 1"),
+        ("algorithm_config.alpha", "8", r"algorithm_config\.alpha: '8' is not an integer"),
+        ("algorithm_config.lora_attn_modules", [], r"lora_attn_modules: must be a non-empty"),
+        (
+            "algorithm_config.lora_attn_modules",
+            ["q_proj", "gate"],
+            r"lora_attn_modules: unknown module\(s\) 'gate'; known: q_proj",
+        ),
+        ("algorithm_config.quantize_base", True, r"quantize_base: QLoRA .* not supported"),
+        ("algorithm_config.type", "QAT", r"algorithm_config\.type: 'QAT' .* not supported"),
+        (
+            "algorithm_config.apply_lora_to_output",
+            True,
+            r"apply_lora_to_output: not supported for llama3\.2-tiny, whose output projection is "
+            r"tied",
+        ),
+        ("model", "gpt-2", r"model: unknown model 'gpt-2'; known models: .*llama3\.2-tiny"),
+        (
+            "dataset.uri",
+            "/nowhere/train.jsonl",
+            r"dataset\.uri: file '/nowhere/train\.jsonl' "
+            r"does not exist",
+        ),
+        ("dataset.uri", "https://example.com/x.jsonl", r"dataset\.uri: .* unsupported scheme"),
+        ("model_artifact.uri", "/nowhere/model", r"model_artifact\.uri: file '/nowhere/model'"),
+        ("training_config.n_epochs", 0, r"training_config\.n_epochs: 0 must be >= 1"),
+        ("training_config.data_config.batch_size", 0, r"data_config\.batch_size: 0 must be"),
+        (
+            "training_config.data_config.data_format",
+            "chat",
+            r"data_config\.data_format: 'chat' is not one of instruct, dialog",
+        ),
+        ("training_config.data_config.packed", True, r"data_config\.packed: .* not supported"),
+        (
+            "training_config.optimizer_config.optimizer_type",
+            "lion",
+            r"optimizer_type: 'lion' is not one of adam, adamw, sgd",
+        ),
+        ("training_config.optimizer_config.lr", 0, r"optimizer_config\.lr: 0 must be a number > 0"),
+        ("training_config.dtype", "int8", r"training_config\.dtype: 'int8' is not one of"),
+        ("training_config.data_config", _DELETE, r"training_config\.data_config: is required"),
+        ("checkpoint_format", "gguf", r"checkpoint_format: 'gguf' is not one of meta, huggingface"),
+    ],
+)
+def test_each_bad_config_names_its_field(
+    good_request: dict, path: str, value: object, message: str
+) -> None:
+    problems = check_request(_with(good_request, path, value))
+    assert any(__import__("re").search(message, p) for p in problems), problems
+
+
+def test_validation_reports_every_problem_at_once(good_request: dict) -> None:
+    bad = _with(_with(good_request, "algorithm_config.rank", 0), "model", "nope")
+    problems = check_request(bad)
+    assert len(problems) == 2 and problems[0].startswith("model:")
+
+
+# ---------------------------------------------------------------- dataset rows
+
+
+def test_instruct_and_dialog_rows_read(tmp_path: Path) -> None:
+    rows = read_dataset(write_rows(tmp_path / "i.jsonl", 3, "instruct"), "instruct")
+    assert [t.role for t in rows[0]] == ["user", "assistant"]
+    assert rows[2][1].content == "2 plus 2 is 4."
+    rows = read_dataset(write_rows(tmp_path / "d.jsonl", 2, "dialog"), "dialog")
+    assert rows[1][0].content == "What is 1 plus 1?"
+
+
+@pytest.mark.parametrize(
+    ("line", "fmt", "message"),
+    [
+        (
+            {"dialog": "[]"},
+            "instruct",
+            r"line 2: missing field 'chat_completion_input'; data_format 'instruct' needs "
+            r"chat_completion_input and expected_answer \(row has: dialog\)",
+        ),
+        (
+            {"chat_completion_input": "[]", "expected_answer": "x"},
+            "dialog",
+            r"line 2: missing field 'dialog'",
+        ),
+        (
+            {"chat_completion_input": "not json", "expected_answer": "x"},
+            "instruct",
+            r"line 2: chat_completion_input is not valid JSON",
+        ),
+        (
+            {
+                "chat_completion_input": json.dumps([{"role": "user", "content": "a"}] * 2),
+                "expected_answer": "x",
+            },
+            "instruct",
+            r"exactly one user message, got 2",
+        ),
+        (
+            {
+                "chat_completion_input": json.dumps([{"role": "user", "content": "a"}]),
+                "expected_answer": 3,
+            },
+            "instruct",
+            r"expected_answer must be a string",
+        ),
+        (
+            {
+                "dialog": json.dumps(
+                    [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]
+                )
+            },
+            "dialog",
+            r"dialog must start with a user message",
+        ),
+        (
+            {
+                "dialog": json.dumps(
+                    [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+                )
+            },
+            "dialog",
+            r"dialog has no assistant message",
+        ),
+        (
+            {
+                "dialog": json.dumps(
+                    [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]
+                )
+            },
+            "dialog",
+            r"dialog\[1\]: role 'robot' is not one of",
+        ),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(
+    tmp_path: Path, line: dict, fmt: str, message: str
+) -> None:
+    path = write_rows(tmp_path / "data.jsonl", 1, fmt)
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+    with pytest.raises(DatasetError, match=message) as info:
+        read_dataset(path, fmt)
+    assert str(info.value).startswith("dataset data.jsonl line 2: ")
+
+
+def test_empty_dataset_says_zero_rows(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DatasetError, match=r"empty\.jsonl' has 0 rows"):
+        read_dataset(path, "instruct")
+
+
+# ---------------------------------------------------------------- staging
+
+
+def _hostile(path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        ok = tarfile.TarInfo("model/params.json")
+        ok.size = 2
+        tar.addfile(ok, io.BytesIO(b"{}"))
+        member.size = len(data) if member.isreg() else 0
+        tar.addfile(member, io.BytesIO(data) if member.isreg() else None)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        info.devmajor, info.devminor = 1, 3
+    return info
+
+
+HOSTILE = {
+    "absolute": (_member("/tmp/evil"), r"member '/tmp/evil' has an absolute path"),
+    "dotdot": (_member("../evil"), r"member '\.\./evil' escapes the destination"),
+    "nested-dotdot": (_member("model/../../evil"), r"member 'model/\.\./\.\./evil' escapes"),
+    "symlink-absolute": (
+        _member("model/passwd", tarfile.SYMTYPE, "/etc/passwd"),
+        r"member 'model/passwd' is a symlink to absolute path '/etc/passwd'",
+    ),
+    "symlink-outside": (
+        _member("model/up", tarfile.SYMTYPE, "../../outside"),
+        r"member 'model/up' is a symlink pointing outside \('\.\./\.\./outside'\)",
+    ),
+    "hardlink-outside": (
+        _member("model/hard", tarfile.LNKTYPE, "../outside"),
+        r"member 'model/hard' is a hard link pointing outside",
+    ),
+    "char-device": (_member("model/null", tarfile.CHRTYPE), r"'model/null' is a device file"),
+    "block-device": (_member("model/sda", tarfile.BLKTYPE), r"'model/sda' is a device file"),
+    "fifo": (_member("model/pipe", tarfile.FIFOTYPE), r"'model/pipe' is a FIFO"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_archive_member_is_refused(tmp_path: Path, kind: str) -> None:
+    member, message = HOSTILE[kind]
+    archive = _hostile(tmp_path / f"{kind}.tar.gz", member, b"x")
+    cache = tmp_path / "cache"
+    with pytest.raises(StagingError, match=message):
+        stage_model(archive, cache)
+    # Nothing half-extracted stays where a later job would find it.
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".digests")] == []
+    assert not (tmp_path / "evil").exists() and not Path("/tmp/evil").exists()
+
+
+def test_symlink_inside_the_archive_is_fine(tmp_path: Path) -> None:
+    archive = _hostile(
+        tmp_path / "ok.tar.gz", _member("model/alias.json", tarfile.SYMTYPE, "params.json")
+    )
+    root = stage_model(archive, tmp_path / "cache")
+    assert (root / "alias.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage-gzip", "not-an-archive"])
+def test_corrupt_archive_is_refused_by_name(
+    tmp_path: Path, model_archives: dict[str, Path], damage: str
+) -> None:
+    bad = tmp_path / "bad.tar.gz"
+    if damage == "truncated":
+        data = model_archives["tar.gz"].read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+        message = r"model archive '.*bad\.tar\.gz' (is corrupt or truncated|cannot be read)"
+    elif damage == "garbage-gzip":
+        bad.write_bytes(b"\x1f\x8b" + b"\x00garbage" * 100)
+        message = r"model archive '.*bad\.tar\.gz' (is corrupt or truncated|cannot be read)"
+    else:
+        bad.write_text("just text, not a tar\n" * 50)
+        message = r"'.*bad\.tar\.gz' is neither a directory, a tar nor a tar\.gz archive"
+    cache = tmp_path / "cache"
+    with pytest.raises(StagingError, match=message):
+        stage_model(bad, cache)
+    assert not any(p.name.startswith(".tmp-") for p in cache.glob("*")) if cache.exists() else True
+
+
+def test_archives_are_told_apart_by_content(
+    tiny_model: Path, model_archives: dict[str, Path]
+) -> None:
+    assert archive_kind(tiny_model) == "dir"
+    assert archive_kind(model_archives["tar"]) == "tar"
+    assert archive_kind(model_archives["tar.gz"]) == "tar.gz"
+    assert archive_kind(model_archives["misnamed"]) == "tar"
+
+
+def test_staging_caches_by_content_digest(
+    tmp_path: Path, tiny_model: Path, model_archives: dict[str, Path]
+) -> None:
+    cache = tmp_path / "cache"
+    first = stage_model(model_archives["tar.gz"], cache)
+    assert (first / "consolidated.00.pth").read_bytes() == (
+        tiny_model / "consolidated.00.pth"
+    ).read_bytes()
+    (first / "sentinel").write_text("kept")
+    again = stage_model(model_archives["tar.gz"], cache)
+    assert again == first and (again / "sentinel").read_text() == "kept"
+    # Same bytes under another name: the same entry (content, not name, is the key).
+    copy = tmp_path / "copy.bin"
+    copy.write_bytes(model_archives["tar.gz"].read_bytes())
+    assert stage_model(copy, cache) == first
+    assert stage_model(tiny_model, cache) == tiny_model  # directories are used in place
+
+
+def test_resolve_model_uri_in_a_local_store(tmp_path: Path, model_archives: dict) -> None:
+    store = tmp_path / "store"
+    (store / "llama3.2-tiny").mkdir(parents=True)
+    assert resolve_model_uri("llama3.2-tiny", str(store)) == f"{store}/llama3.2-tiny"
+    (store / "Llama3.2-1B-Instruct.tar.gz").write_bytes(b"x")
+    assert resolve_model_uri("Llama3.2-1B-Instruct", str(store)).endswith(".tar.gz")
+    with pytest.raises(
+        StagingError,
+        match=r"model 'Llama3.1-8B-Instruct' not found in model "
+        r"store .*; tried: .*Llama3\.1-8B-Instruct, .*\.tar, .*\.tar\.gz",
+    ):
+        resolve_model_uri("Llama3.1-8B-Instruct", str(store))
+
+
+# ---------------------------------------------------------------- storage (moto server)
+
+
+def test_s3_fetch_publish_round_trip(tmp_path: Path, bucket: str, tiny_model: Path) -> None:
+    uri = f"s3://{bucket}/models/llama3.2-tiny"
+    assert storage.publish(tiny_model, uri) == uri
+    assert storage.exists(uri) == "dir"
+    assert storage.exists(uri + "/params.json") == "file"
+    assert storage.exists(f"s3://{bucket}/models/none") is None
+    got = storage.fetch(uri, tmp_path / "dl")
+    assert got == tmp_path / "dl" / "llama3.2-tiny"
+    for f in tiny_model.iterdir():
+        assert (got / f.name).read_bytes() == f.read_bytes()
+    one = storage.fetch(uri + "/params.json", tmp_path / "one")
+    assert one.read_bytes() == (tiny_model / "params.json").read_bytes()
+    assert storage.fingerprint(uri) == storage.fingerprint(uri)
+    storage.put_bytes(b'{"a": 1}', f"s3://{bucket}/x.json")
+    assert storage.get_bytes(f"s3://{bucket}/x.json") == b'{"a": 1}'
+    with pytest.raises(storage.StorageError, match=r"'s3://.*/nothing-here': no such object"):
+        storage.fetch(f"s3://{bucket}/nothing-here", tmp_path / "dl2")
+
+
+def test_resolve_model_uri_in_an_s3_store(bucket: str, model_archives: dict) -> None:
+    storage.publish(model_archives["tar.gz"], f"s3://{bucket}/store/llama3.2-tiny.tar.gz")
+    assert (
+        resolve_model_uri("llama3.2-tiny", f"s3://{bucket}/store")
+        == f"s3://{bucket}/store/llama3.2-tiny.tar.gz"
+    )
+    with pytest.raises(StagingError, match=r"not found in model store 's3://"):
+        resolve_model_uri("Llama3.2-3B-Instruct", f"s3://{bucket}/store")
+
+
+def test_local_fetch_is_in_place_and_publish_copies(tmp_path: Path) -> None:
+    f = tmp_path / "a.txt"
+    f.write_text("a")
+    assert storage.fetch(str(f), tmp_path / "x") == f
+    assert storage.fetch(f"file://{f}", tmp_path / "x") == f
+    storage.publish(f, str(tmp_path / "b" / "b.txt"))
+    assert (tmp_path / "b" / "b.txt").read_text() == "a"
+
+
+# ---------------------------------------------------------------- result
+
+
+def test_run_result_round_trip(tmp_path: Path) -> None:
+    r = RunResult(
+        job_uuid="j",
+        status="completed",
+        checkpoints=[{"identifier": "c"}],
+        metrics=[{"epoch": 0}],
+        resources_allocated={"device": "cpu"},
+        dataset_rows=3,
+    )
+    assert RunResult.read(r.write(tmp_path / "r.json")) == r
+    with pytest.raises(ValueError, match="unknown RunResult fields: extra"):
+        RunResult.from_dict({**r.to_dict(), "extra": 1})
+    with pytest.raises(ValueError, match="status 'done'"):
+        RunResult(job_uuid="j", status="done")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- tiny model
+
+
+def test_tiny_model_is_meta_layout_and_deterministic(tmp_path: Path, tiny_model: Path) -> None:
+    from pipelines.modeling import load_tokenizer, read_params
+    from pipelines.tiny import write_tiny_model
+
+    assert sorted(p.name for p in tiny_model.iterdir()) == [
+        "checklist.chk",
+        "consolidated.00.pth",
+        "params.json",
+        "tokenizer.model",
+    ]
+    again = write_tiny_model(tmp_path / "again")
+    for name in ("consolidated.00.pth", "params.json", "tokenizer.model"):
+        assert (again / name).read_bytes() == (tiny_model / name).read_bytes()
+    params = read_params(tiny_model)
+    tok = load_tokenizer(tiny_model, 64)
+    ids = tok.encode("The capital of France is Paris.", add_bos=True, add_eos=True)
+    assert max(ids) < params["vocab_size"] and tok.decode(ids[1:-1]) == (
+        "The capital of France is Paris."
+    )
+    assert tok.eot_id < params["vocab_size"] and tok.bos_id == 320
+
+
+def test_tiny_model_cli(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines", "tiny-model", "--out", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["path"] == str((tmp_path / "m").resolve())
+    assert (tmp_path / "m" / "consolidated.00.pth").stat().st_size > 100_000
+
+
+# ---------------------------------------------------------------- notify
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    got: list = []
+    status = 202
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["content-length"]))
+        type(self).got.append((dict(self.headers), json.loads(body)))
+        self.send_response(type(self).status)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver():
+    class Handler(_Receiver):
+        got: list = []
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/notify", Handler
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+
+
+def test_notice_is_a_binary_cloudevent(receiver) -> None:
+    from pipelines.notify import post_run_finished
+
+    url, handler = receiver
+    assert post_run_finished(url, "io.example.run.finished", "job-9", "run-1", "FAILED", "boom")
+    headers, body = handler.got[0]
+    lower = {k.lower(): v for k, v in headers.items()}
+    assert lower["ce-type"] == "io.example.run.finished"
+    assert lower["ce-id"] == "job-9/run.finished"
+    assert lower["ce-subject"] == "job-9" and lower["ce-source"] == "kfp-pipeline"
+    assert lower["ce-specversion"] == "1.0"
+    assert body == {"job_uuid": "job-9", "run_id": "run-1", "state": "FAILED", "error": "boom"}
+
+
+def test_notice_gives_up_quietly_when_nobody_listens() -> None:
+    from pipelines.notify import post_run_finished
+
+    assert not post_run_finished(
+        "http://127.0.0.1:9/none", "t", "j", "", "SUCCEEDED", None, attempts=2, timeout_s=1
+    )
+    assert not post_run_finished("", "t", "j", "", "SUCCEEDED", None)
+
+
+# ---------------------------------------------------------------- compiled spec
+
+
+def test_compiled_spec_carries_the_settings(tmp_path: Path) -> None:
+    from pipelines.pipeline import compile_pipeline
+
+    settings = PipelineSettings(
+        base_image="registry.example/trainer:7",
+        memory_request="8Gi",
+        memory_limit="16Gi",
+        cpu_request="2",
+        accelerator_type="nvidia.com/gpu",
+        accelerator_count=1,
+        node_selector={"pool": "gpu"},
+        tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
+        image_pull_secrets=("pull",),
+        model_cache_pvc="model-cache",
+        s3_secret_name="s3-creds",
+        s3_endpoint_url="http://minio:9000",
+    )
+    docs = list(yaml.safe_load_all(compile_pipeline(settings, tmp_path / "p.yaml").read_text()))
+    spec, platform = docs[0], docs[1]
+    assert spec["pipelineInfo"]["name"] == "llama-stack-lora-finetune"
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "notify" in tasks and tasks["notify"]["triggerPolicy"]["strategy"] == (
+        "ALL_UPSTREAM_TASKS_COMPLETED"
+    )
+    inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert "train" in inner
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    for name in (
+        "job_uuid",
+        "request_json",
+        "model_uri",
+        "dataset_uri",
+        "validation_dataset_uri",
+        "checkpoint_format",
+        "progress_path",
+        "result_uri",
+        "notify_url",
+        "notify_event_type",
+    ):
+        assert name in params, name
+    assert params["cache_dir"]["defaultValue"] == "/var/cache/kfp-trainer"
+    train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    assert train["image"] == "registry.example/trainer:7"
+    assert "pip install" not in " ".join(train["command"])
+    res = train["resources"]
+    assert res["resourceMemoryRequest"] == "8Gi" and res["resourceMemoryLimit"] == "16Gi"
+    assert res["resourceCpuRequest"] == "2"
+    assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert res["accelerator"]["resourceCount"] == "1"
+    assert {"name": "S3_ENDPOINT_URL", "value": "http://minio:9000"} in train["env"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert k8s["secretAsEnv"][0]["secretName"] == "s3-creds"
+    assert {e["envVar"] for e in k8s["secretAsEnv"][0]["keyToEnv"]} == {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    }
+    assert k8s["nodeSelector"]["labels"] == {"pool": "gpu"}
+    assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert k8s["pvcMount"][0]["mountPath"] == "/var/cache/kfp-trainer"
+    assert k8s["imagePullSecret"][0]["secretName"] == "pull"
+
+
+def test_pipeline_arguments_carry_uris_not_rows(tmp_path: Path, tiny_model: Path) -> None:
+    from pipelines.pipeline import pipeline_arguments
+
+    data = write_rows(tmp_path / "train.jsonl", 50)
+    request = make_request(
+        "job-a",
+        str(tiny_model),
+        str(data),
+        validation_dataset={"uri": str(data)},
+        checkpoint_format="huggingface",
+    )
+    args = pipeline_arguments(
+        request, result_uri="s3://b/jobs/job-a/", notify_url="http://x", notify_event_type="t"
+    )
+    assert args["dataset_uri"] == str(data) and args["validation_dataset_uri"] == str(data)
+    assert args["model_uri"] == str(tiny_model) and args["checkpoint_format"] == "huggingface"
+    assert "plus" not in json.dumps(args)  # no row content anywhere in the parameters
+    assert "dataset" not in json.loads(args["request_json"])
+    with pytest.raises(ValueError, match="no model_artifact.uri"):
+        pipeline_arguments({**request, "model_artifact": {}})
