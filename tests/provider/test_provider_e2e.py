@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.provider.stack import ROOT, StackServer
+from provider.launcher import ROOT, StackServer
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -1,7 +1,7 @@
 """Start and stop a real ``llama stack run`` with the project's run.yaml on a free loopback port.
 
-Every wait is bounded; when the server dies or never answers, the error carries the tail of
-its log so the failing test says why.
+scripts/demo.py and the provider tests both use it. Every wait is bounded; when the server dies
+or never answers, the error carries the tail of its log, so the caller can say why.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import requests
-
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
+RUN_YAML = ROOT / "run.yaml"
 LLAMA = Path(sys.executable).with_name("llama")
 
 
@@ -29,8 +28,9 @@ def free_port() -> int:
 class StackServer:
     """One ``llama stack run run.yaml --port N`` process; ``start()`` again after ``stop()``."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, run_yaml: Path = RUN_YAML) -> None:
         self.env = {**os.environ, **env, "LLAMA_STACK_HOST": "127.0.0.1"}
+        self.run_yaml = run_yaml
         self.log_dir = log_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -57,7 +57,7 @@ class StackServer:
         env = {**self.env, "LLAMA_STACK_LOG_FILE": str(self.log_file)}
         with self.console_log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [str(LLAMA), "stack", "run", str(ROOT / "run.yaml"), "--port", str(self.port)],
+                [str(LLAMA), "stack", "run", str(self.run_yaml), "--port", str(self.port)],
                 cwd=ROOT,
                 env=env,
                 stdout=out,
@@ -70,18 +70,18 @@ class StackServer:
                 raise RuntimeError(
                     f"llama stack run exited ({self.proc.returncode}):\n{self.tail()}"
                 )
-            try:
-                if requests.get(self.url + "/v1/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
+            if self.healthy(timeout_s=2):
+                return
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"llama stack run not healthy after {timeout_s:.0f}s:\n{self.tail()}")
 
-    def healthy(self) -> bool:
+    def healthy(self, timeout_s: float = 5.0) -> bool:
+        """True when ``GET /v1/health`` answers 200."""
+        import requests
+
         try:
-            return requests.get(self.url + "/v1/health", timeout=5).status_code == 200
+            return requests.get(self.url + "/v1/health", timeout=timeout_s).status_code == 200
         except requests.RequestException:
             return False
 
