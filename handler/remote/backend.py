@@ -89,6 +89,7 @@ class RemoteBackend:
     name = "remote"
     max_concurrent = None  # KFP queues runs itself
     poll_interval_s = None  # completion comes from the exit-handler notice and the ping tick
+    describes_jobs = True  # KFP is the system of record: any replica answers GET /jobs/<id>
 
     def __init__(self, settings: HandlerSettings, store: JobStore) -> None:
         remote = settings.remote
@@ -113,6 +114,10 @@ class RemoteBackend:
         self._spec: dict[str, Any] | None = None
         self._s3: Any = None
 
+    def default_model_store(self) -> str:
+        """Model names resolve here without KFP_TRAINER_MODEL_STORE (upload-model writes here)."""
+        return s3.model_store(self.remote)
+
     # ---- helpers ----------------------------------------------------------------------------
     def _s3_client(self) -> Any:
         if self._s3 is None:
@@ -128,8 +133,8 @@ class RemoteBackend:
 
     def _compile(self) -> dict[str, Any]:
         import yaml
-        from pipelines.pipeline import compile_pipeline
 
+        from pipelines.pipeline import compile_pipeline
         from pipelines.settings import PipelineSettings
 
         settings: PipelineSettings = self._pipeline_settings or PipelineSettings.from_env()
