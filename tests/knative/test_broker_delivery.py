@@ -14,12 +14,10 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-import yaml
 
 from handler import contract
 from tests.knative import manifests as m
@@ -377,9 +375,3 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tmp_path, sink):
 
 def _graceful_timeout() -> int:
     return int(m.config_map_data()["GUNICORN_GRACEFUL_TIMEOUT"])
-
-
-def test_pingsource_data_is_json_the_handler_reads():
-    (ping,) = m.find("PingSource")
-    assert isinstance(yaml.safe_load(ping.body["spec"]["data"]), dict)
-    assert Path(m.REPO / "Containerfile").is_file()

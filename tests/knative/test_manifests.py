@@ -108,6 +108,12 @@ def test_the_validators_catch_a_typo():
         kv_utils.validate(role, m.K8S_VERSION, strict=True)
 
 
+def test_kustomization_image_override_names_the_handler_image():
+    (override,) = m.kustomization()["images"]
+    image = handler_container()["image"]
+    assert image.rsplit(":", 1)[0] == override["name"]
+
+
 def test_kubernetes_version_is_one_kubernetes_validate_ships():
     assert m.K8S_VERSION in {kv_utils.major_minor(v) for v in kv_utils.all_versions()}
 
@@ -271,9 +277,27 @@ def test_service_account_and_its_role_binding_exist():
     for binding in bindings:
         role = binding.body["roleRef"]
         assert role["kind"] == "Role"
-        rules = m.one("Role", role["name"]).body["rules"]
-        resources = {r for rule in rules for r in rule["resources"]}
-        assert "datasciencepipelinesapplications" in resources
+        m.one("Role", role["name"])
+
+
+def _rule(resource: str) -> dict[str, Any]:
+    (role,) = m.find("Role")
+    (rule,) = [r for r in role.body["rules"] if resource in r["resources"]]
+    return rule
+
+
+def test_role_lets_the_handler_read_exactly_the_configured_dspa():
+    from handler.remote import discovery
+
+    dspa = _config_map_data()["KFP_DSPA_NAME"]
+    rule = _rule(discovery.DSPA_PLURAL)
+    assert rule["apiGroups"] == [discovery.DSPA_GROUP]
+    assert rule["resourceNames"] == [dspa] and rule["verbs"] == ["get"]
+    route = _rule("routes")  # the DSPA oauth-proxy's access check
+    assert route["resourceNames"] == [f"ds-pipeline-{dspa}"] and route["verbs"] == ["get"]
+    (role,) = m.find("Role")
+    resources = {r for rule in role.body["rules"] for r in rule["resources"]}
+    assert "secrets" not in resources, "credentials come as env vars, not through the API"
 
 
 # ------------------------------------------------------------------------------ env and secrets
