@@ -10,8 +10,13 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +167,53 @@ def test_containerignore_keeps_state_and_secrets_out():
     for path in (".venv/bin/python", ".git/config", ".env", "x/__pycache__/m.pyc", "a.sqlite3"):
         assert _ignored(path), f"{path} would be sent to the build"
     assert not _ignored("handler/__init__.py")
+
+
+def test_build_stage_makes_a_wheel_holding_what_the_images_run(tmp_path):
+    """The build stage's COPY lines and `pip wheel`, replayed in a scratch context."""
+    context = tmp_path / "src"
+    context.mkdir()
+    copies = [arg.split() for arg in _stages()["build"].args("COPY")]
+    for *sources, dest in copies:
+        for source in sources:
+            target = context / Path(dest.removeprefix("/src/")) if dest != "/src/" else context
+            origin = REPO / source
+            if origin.is_dir():
+                shutil.copytree(origin, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(origin, target / origin.name)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "--wheel-dir",
+            str(tmp_path / "wheels"),
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheels").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        requires = [
+            line.removeprefix("Requires-Dist:").strip()
+            for line in archive.read(metadata).decode().splitlines()
+            if line.startswith("Requires-Dist:")
+        ]
+    for needed in ("handler/__init__.py", "handler/gunicorn_conf.py", "pipelines/__main__.py"):
+        assert needed in names, f"{needed} missing from the wheel"
+    for schema in (REPO / "handler" / "schemas").glob("*.json"):
+        assert f"handler/schemas/{schema.name}" in names, f"{schema.name} missing from the wheel"
+    base = [r for r in requires if "extra ==" not in r]
+    assert base and not [r for r in base if r.lower().startswith(("torch", "llama"))], base
+    assert any(r.startswith("torch==") and 'extra == "train"' in r for r in requires)
