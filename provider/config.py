@@ -89,6 +89,12 @@ class KfpTrainerConfig(BaseModel):
         description="Remote: least seconds between GET /jobs/<id> per job. "
         "KFP_TRAINER_STATUS_REFRESH_S",
     )
+    lost_after_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Remote: a job the handler still does not know after this long is failed "
+        "(the broker took the event, the handler refused it). KFP_TRAINER_LOST_AFTER_S",
+    )
     dataset_page_size: int = Field(
         default=1000, ge=1, description="Rows per datasetio iterrows page. KFP_TRAINER_PAGE_SIZE"
     )
@@ -155,6 +161,7 @@ class KfpTrainerConfig(BaseModel):
             "delivery_backoff_s": "${env.KFP_TRAINER_DELIVERY_BACKOFF_S:0.5}",
             "http_timeout_s": "${env.KFP_TRAINER_HTTP_TIMEOUT_S:10}",
             "status_refresh_s": "${env.KFP_TRAINER_STATUS_REFRESH_S:2}",
+            "lost_after_s": "${env.KFP_TRAINER_LOST_AFTER_S:300}",
             "dataset_page_size": "${env.KFP_TRAINER_PAGE_SIZE:1000}",
             "checkpoint_format": "${env.KFP_TRAINER_CHECKPOINT_FORMAT:meta}",
             "base_image": "${env.KFP_TRAINER_BASE_IMAGE:}",

@@ -63,6 +63,14 @@ class KfpJobStatusResponse(PostTrainingJobStatusResponse):
     dataset_rows: int | None = None
 
 
+def _age_s(record: dict[str, Any]) -> float:
+    """Seconds since the job was requested (0 when unknown)."""
+    requested = record.get("requested_at")
+    if not requested:
+        return 0.0
+    return (datetime.now(UTC) - datetime.fromisoformat(requested)).total_seconds()
+
+
 def to_checkpoint(value: dict[str, Any]) -> Checkpoint:
     """A pipeline checkpoint dict as llama-stack's ``Checkpoint``.
 
@@ -124,7 +132,10 @@ class KfpTrainerPostTraining:
         self._store.apply_soon(update)
 
     async def _reconcile(self) -> None:
-        """Ask the handler about every job this copy thinks is still running."""
+        """Local: ask the in-process handler about every job this copy thinks is running (events
+        may have been emitted while this process was down). Remote reads refresh lazily."""
+        if self._transport.polls:
+            return
         for record in await self._store.all():
             if not is_terminal(record):
                 await self._refresh(record["job_uuid"], force=True)
@@ -142,6 +153,21 @@ class KfpTrainerPostTraining:
             return
         if view is not None:
             await self._store.apply(view)
+            return
+        record = await self._store.get(job_uuid)
+        if record and self._transport.polls and _age_s(record) > self.config.lost_after_s:
+            await self._store.apply(
+                {
+                    "job_uuid": job_uuid,
+                    "status": "failed",
+                    "completed_at": now_iso(),
+                    "error": (
+                        f"the handler has no record of job {job_uuid!r} "
+                        f"{self.config.lost_after_s:.0f}s after it was requested; the broker "
+                        "accepted the event but the handler refused it (see the handler's logs)"
+                    ),
+                }
+            )
 
     # -- supervised_fine_tune ----------------------------------------------------------------
 

@@ -7,6 +7,7 @@ received, so a test can check retries, headers and bodies as they crossed the wi
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -27,10 +28,18 @@ class Scripted:
 
 
 class LoopbackServer:
-    """``with LoopbackServer([...]) as srv: srv.url`` -- replies in order, records requests."""
+    """``with LoopbackServer([...]) as srv: srv.url`` -- replies in order, records requests.
 
-    def __init__(self, replies: list[Scripted]) -> None:
-        self.replies = list(replies)
+    Give ``responder`` instead to compute each reply from the request (e.g. a status route).
+    """
+
+    def __init__(
+        self,
+        replies: list[Scripted] | None = None,
+        responder: Callable[[Received], Scripted] | None = None,
+    ) -> None:
+        self.replies = list(replies or [])
+        self.responder = responder
         self.received: list[Received] = []
         self._lock = threading.Lock()
         outer = self
@@ -39,11 +48,15 @@ class LoopbackServer:
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                request = Received(self.command, self.path, dict(self.headers.items()), body)
                 with outer._lock:
-                    outer.received.append(
-                        Received(self.command, self.path, dict(self.headers.items()), body)
-                    )
-                    reply = outer.replies[0] if len(outer.replies) == 1 else outer.replies.pop(0)
+                    outer.received.append(request)
+                    if outer.responder is not None:
+                        reply = outer.responder(request)
+                    elif len(outer.replies) == 1:
+                        reply = outer.replies[0]
+                    else:
+                        reply = outer.replies.pop(0)
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
