@@ -348,7 +348,7 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tmp_path, sink):
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
         half = len(body) // 2
         conn = raw_request(pod.port, head, body[:half], timeout=TIMEOUT)
-        time.sleep(1.0)  # a worker thread is now reading the body
+        time.sleep(1.5)  # a worker thread is now reading the body
 
         pod.terminate()
 
