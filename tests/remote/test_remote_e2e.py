@@ -244,6 +244,70 @@ def test_401_rebuilds_with_fresh_token_and_a_wrong_one_is_a_clear_503(world):
     world.event("e2e-job-badtoken", "job.completed")
 
 
+def test_provider_status_turns_completed_through_llama_stack(world, tmp_path):
+    """llama-stack SDK -> provider (remote) -> handler -> KFP -> provider status completed."""
+    from provider.client import connect
+    from provider.launcher import StackServer
+
+    stack = StackServer(
+        {
+            "KFP_TRAINER_MODE": "remote",
+            "KFP_TRAINER_STATE_DIR": str(tmp_path / "stack-state"),
+            "KFP_TRAINER_BROKER_URL": world.handler.url + "/",
+            "KFP_TRAINER_HANDLER_URL": world.handler.url,
+            "KFP_TRAINER_STATUS_REFRESH_S": "0.5",
+            "S3_ENDPOINT_URL": world.remote.s3_endpoint_url,
+            "S3_BUCKET": world.remote.s3_bucket,
+            "S3_PREFIX": fx.PREFIX,
+        },
+        tmp_path,
+    )
+    stack.start()
+    try:
+        client = connect(stack.url, timeout=30)
+        rows = [
+            {
+                "chat_completion_input": json.dumps([{"role": "user", "content": f"{i} + {i}?"}]),
+                "expected_answer": str(2 * i),
+            }
+            for i in range(10)
+        ]
+        client.datasets.register(
+            purpose="post-training/messages",
+            source={"type": "rows", "rows": rows},
+            dataset_id="remote-rows",
+        )
+        training = job_request(world, "unused")["training_config"]
+        training["data_config"]["dataset_id"] = "remote-rows"
+        client.post_training.supervised_fine_tune(
+            job_uuid="e2e-provider-1",
+            model="llama3.2-tiny",
+            training_config=training,
+            algorithm_config=job_request(world, "unused")["algorithm_config"],
+            hyperparam_search_config={},
+            logger_config={},
+        )
+
+        def done():
+            status = client.post_training.job.status(job_uuid="e2e-provider-1")
+            return status if status.status in ("completed", "failed", "cancelled") else None
+
+        status = wait_for(done, RUN_TIMEOUT_S, "the provider's status to end", every=1.0)
+        assert status.status == "completed", (status, stack.tail())
+        assert status.dataset_rows == 10  # the rows the provider streamed to S3
+        assert status.checkpoints[0]["path"].startswith(f"s3://{world.remote.s3_bucket}/")
+        artifacts = client.post_training.job.artifacts(job_uuid="e2e-provider-1")
+        assert artifacts.checkpoints == status.checkpoints
+        assert world.event("e2e-provider-1", "job.completed", timeout=30)
+        assert len(world.runs_named("e2e-provider-1")) == 1
+        stack_log = stack.tail(100_000)
+        assert "e2e-provider-1" in stack_log
+        for secret in (FAKE_SECRET_KEY, FAKE_ACCESS_KEY, *TOKENS):
+            assert secret not in stack_log
+    finally:
+        stack.stop()
+
+
 def test_no_secret_value_in_ir_logs_or_events(world):
     secrets = (FAKE_SECRET_KEY, FAKE_ACCESS_KEY, *TOKENS)
     runs = world.standin.state.list_runs({}).get("runs", [])

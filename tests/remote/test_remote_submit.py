@@ -127,3 +127,26 @@ def test_submit_while_kfp_is_down_is_unavailable_then_works(setup, tmp_path):
     assert standin.state.get_run(run_id)["display_name"] == "job-down"
     backend.cancel("job-down", run_id)
     assert standin.state.wait_idle(60)
+
+
+def test_racing_replicas_converge_on_the_oldest_run(setup, tmp_path):
+    backend, standin, remote, model_uri = setup
+    replica = RemoteBackend(backend.settings, None)  # another handler pod, same KFP
+    request = fx.remote_request(remote, "job-race", tmp_path, model_uri)
+    first = backend.submit(request)
+    # The other replica looked before the first run existed and created its own.
+    experiment = replica._experiment_id()
+    second = replica.kfp.create_run(
+        experiment, "job-race", replica.pipeline_spec(), replica.arguments(request)
+    ).run_id
+    assert replica._converge(experiment, "job-race", second) == first
+    wait_for(
+        lambda: standin.state.get_run(second)["state"] in ("CANCELING", "CANCELED"),
+        30,
+        "the younger duplicate to be terminated",
+    )
+    assert standin.state.get_run(first)["state"] not in ("CANCELING", "CANCELED")
+    assert replica.submit(request) == first == backend.submit(request)
+    assert replica.status("job-race", None).run_id == first
+    backend.cancel("job-race", first)
+    assert standin.state.wait_idle(60)
