@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -51,6 +52,9 @@ def post_run_finished(
     timeout_s: float = 10.0,
 ) -> bool:
     """POST the notice; True when the receiver accepted it (2xx). Never raises."""
+    from pipelines import logs
+
+    logs.configure(os.environ.get("KFP_TRAINER_LOG_LEVEL", "INFO"))
     if not notify_url:
         event(log, "no notify_url; run-finished notice skipped", job_uuid=job_uuid, state=state)
         return False
