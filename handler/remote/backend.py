@@ -184,8 +184,15 @@ class RemoteBackend:
 
     # ---- Backend ----------------------------------------------------------------------------
     def submit(self, request: dict[str, Any]) -> str:
-        job_uuid = request["job_uuid"]
         self._check(request)
+        try:
+            return self._submit(request)
+        except KfpNotFound as exc:  # the experiment was deleted under us: recreate next time
+            self.kfp.forget_experiments()
+            raise BackendUnavailable(f"KFP experiment vanished; retrying: {exc}") from None
+
+    def _submit(self, request: dict[str, Any]) -> str:
+        job_uuid = request["job_uuid"]
         experiment_id = self._experiment_id()
         existing = self.kfp.runs_named(experiment_id, job_uuid)
         if existing:

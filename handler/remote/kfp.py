@@ -210,6 +210,10 @@ class KfpClient:
         self._experiment_ids[name] = found
         return found
 
+    def forget_experiments(self) -> None:
+        """Drop cached experiment ids (one was deleted; the next call looks again)."""
+        self._experiment_ids.clear()
+
     def _find_experiment(self, name: str, namespace: str | None) -> str | None:
         kwargs: dict[str, Any] = {"filter": _filter_equals("display_name", name)}
         if namespace:

@@ -150,3 +150,17 @@ def test_racing_replicas_converge_on_the_oldest_run(setup, tmp_path):
     assert replica.status("job-race", None).run_id == first
     backend.cancel("job-race", first)
     assert standin.state.wait_idle(60)
+
+
+def test_deleted_experiment_is_retried_then_recreated(setup, tmp_path):
+    backend, standin, remote, model_uri = setup
+    request = fx.remote_request(remote, "job-exp", tmp_path, model_uri)
+    backend.kfp.experiment_id(remote.kfp_experiment)  # cached
+    with standin.state._lock:  # someone deletes the experiment in the KFP UI
+        standin.state._experiments.clear()
+    with pytest.raises(BackendUnavailable, match="experiment vanished"):
+        backend.submit(request)
+    run_id = backend.submit(request)  # the dispatcher's retry: experiment created again
+    assert standin.state.get_run(run_id)["display_name"] == "job-exp"
+    backend.cancel("job-exp", run_id)
+    assert standin.state.wait_idle(60)
