@@ -14,6 +14,7 @@ can be imported, tested and benchmarked like any other code:
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from pipelines.data import DatasetError
 from pipelines.logs import event
 from pipelines.progress import ProgressReporter
 from pipelines.result import RunResult
-from pipelines.staging import StagingError, stage_model
+from pipelines.staging import StagingError, content_digest, stage_model
 from pipelines.validation import RequestError, local_path
 
 log = logging.getLogger(__name__)
@@ -54,20 +55,58 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _fetch_model(uri: str, cache_dir: Path) -> Path:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_file(field: str, path: Path, ref: dict[str, Any]) -> None:
+    """The fetched dataset matches what the request says about it (sha256, row count)."""
+    want = ref.get("sha256")
+    if want and (got := _sha256(path)) != want:
+        raise DatasetError(f"{field}.sha256: {path.name} has sha256 {got}, the request says {want}")
+    rows = ref.get("rows")
+    if rows is not None:
+        with path.open("rb") as f:
+            found = sum(1 for line in f if line.strip())
+        if found != rows:
+            raise DatasetError(
+                f"{field}.rows: the request says {rows} rows, {path.name} has {found}"
+            )
+
+
+def _fetch_model(uri: str, cache_dir: Path, sha256: str | None = None) -> Path:
     if storage.is_s3(uri):
         key = storage.fingerprint(uri)
         slot = cache_dir / "downloads" / key
-        if slot.exists():
-            found = next(iter(slot.iterdir()), None)
-            if found is not None:
-                event(log, "model download cached", uri=uri, path=str(found))
-                return stage_model(found, cache_dir)
-        path = storage.fetch(uri, slot)
-        return stage_model(path, cache_dir)
-    path = local_path(uri)
-    if path is None:
-        raise StagingError(f"model_artifact.uri {uri!r}: unsupported scheme")
+        found = next(iter(slot.iterdir()), None) if slot.is_dir() else None
+        if found is not None:
+            event(log, "model download cached", uri=uri, path=str(found))
+            path = found
+        else:
+            path = storage.fetch(uri, slot)
+    else:
+        path = local_path(uri)
+        if path is None:
+            raise StagingError(f"model_artifact.uri {uri!r}: unsupported scheme")
+    if sha256:
+        if path.is_file():
+            got = content_digest(path, cache_dir)
+            if got != sha256:
+                raise StagingError(
+                    f"model_artifact.sha256: {str(path)!r} has sha256 {got}, the "
+                    f"request says {sha256}"
+                )
+        else:
+            event(
+                log,
+                "model_artifact.sha256 not checked: the artifact is a directory",
+                level=logging.WARNING,
+                path=str(path),
+            )
     return stage_model(path, cache_dir)
 
 
@@ -141,16 +180,22 @@ def run_train(
             if validation_dataset_uri
             else None
         )
-        request = {
-            **request,
-            "dataset": {"uri": str(dataset)},
-            **({"validation_dataset": {"uri": str(validation)}} if validation else {}),
+        # The refs' other fields (rows, sha256) came along without their URIs: check against them.
+        refs = {
+            k: request.pop(k, None) or {}
+            for k in ("dataset", "validation_dataset", "model_artifact")
         }
+        request["dataset"] = {"uri": str(dataset)}
+        if validation:
+            request["validation_dataset"] = {"uri": str(validation)}
         # Config problems first: a bad request should not wait for a model download.
         from pipelines.validation import require_valid
 
         require_valid(request)
-        model_dir = _fetch_model(model_uri, cache)
+        _check_file("dataset", dataset, refs["dataset"])
+        if validation:
+            _check_file("validation_dataset", validation, refs["validation_dataset"])
+        model_dir = _fetch_model(model_uri, cache, refs["model_artifact"].get("sha256"))
         target = local_path(result_uri) if result_uri else None
         if target is not None:
             checkpoint_root = target / CHECKPOINTS_DIR

@@ -111,13 +111,22 @@ def load_meta_state_dict(model_dir: Path, spec: ModelSpec) -> dict[str, torch.Te
     return state
 
 
-def load_base_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def load_base_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str = "the model"
+) -> None:
     """Load base weights into a LoRA model; anything but missing adapter params is an error."""
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches: another model's checkpoint
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
+        raise ModelDirError(
+            f"weights in {str(path)!r} are not a {name} checkpoint: {detail}"
+        ) from None
     missing = [k for k in result.missing_keys if "lora" not in k and "magnitude" not in k]
     if missing or result.unexpected_keys:
         raise ModelDirError(
-            f"weights in {str(path)!r} do not fit the model: missing {missing[:5]}, unexpected "
+            f"weights in {str(path)!r} do not fit {name}: missing {missing[:5]}, unexpected "
             f"{list(result.unexpected_keys)[:5]}"
         )
 

@@ -52,7 +52,12 @@ def pipeline_arguments(
     dataset_uri = (request.get("dataset") or {}).get("uri")
     if not dataset_uri:
         raise ValueError("request has no dataset.uri")
-    config = {k: v for k, v in request.items() if k not in _URI_FIELDS}
+    # URIs travel as their own parameters; what else the refs say (rows, sha256) stays, so
+    # the train task can check the files it fetched against it.
+    config = {
+        k: ({f: x for f, x in v.items() if f != "uri"} if k in _URI_FIELDS else v)
+        for k, v in request.items()
+    }
     args: dict[str, Any] = {
         "job_uuid": request["job_uuid"],
         "request_json": json.dumps(config, sort_keys=True),

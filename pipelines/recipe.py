@@ -200,7 +200,7 @@ class Trainer:
         training.set_seed(cfg.seed)
         with training.set_default_dtype(self.dtype), self.device:
             model = modeling.build_lora_model(self.spec, cfg.algorithm)
-        modeling.load_base_weights(model, base, self.model_dir)
+        modeling.load_base_weights(model, base, self.model_dir, self.spec.name)
         del base
         for module in model.modules():
             if hasattr(module, "initialize_dora_magnitude"):

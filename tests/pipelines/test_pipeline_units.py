@@ -649,6 +649,84 @@ def test_pipeline_arguments_carry_uris_not_rows(tmp_path: Path, tiny_model: Path
     assert args["dataset_uri"] == str(data) and args["validation_dataset_uri"] == str(data)
     assert args["model_uri"] == str(tiny_model) and args["checkpoint_format"] == "huggingface"
     assert "plus" not in json.dumps(args)  # no row content anywhere in the parameters
-    assert "dataset" not in json.loads(args["request_json"])
+    config = json.loads(args["request_json"])
+    assert config["dataset"] == {} and "uri" not in config["model_artifact"]
+    assert config["algorithm_config"] == request["algorithm_config"]
     with pytest.raises(ValueError, match="no model_artifact.uri"):
         pipeline_arguments({**request, "model_artifact": {}})
+
+
+# ---------------------------------------------------------------- the train task's checks
+
+
+def _train_task(tmp_path: Path, request: dict, **kw: str) -> dict:
+    from pipelines.component_impl import run_train
+    from pipelines.pipeline import pipeline_arguments
+
+    args = pipeline_arguments(request, result_uri=str(tmp_path / "result"))
+    return run_train(
+        job_uuid=args["job_uuid"],
+        request_json=args["request_json"],
+        model_uri=args["model_uri"],
+        dataset_uri=args["dataset_uri"],
+        validation_dataset_uri=args["validation_dataset_uri"],
+        result_uri=args["result_uri"],
+        cache_dir=str(tmp_path / "cache"),
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ({"rows": 7}, r"^dataset\.rows: the request says 7 rows, train\.jsonl has 5$"),
+        (
+            {"sha256": "0" * 64},
+            r"^dataset\.sha256: train\.jsonl has sha256 [0-9a-f]{64}, the "
+            r"request says 0{64}$",
+        ),
+    ],
+)
+def test_train_task_checks_the_dataset_against_the_request(
+    tmp_path: Path, tiny_model: Path, ref: dict, message: str
+) -> None:
+    from pipelines.component_impl import TrainingFailed
+
+    data = write_rows(tmp_path / "train.jsonl", 5)
+    request = make_request("job-ref", str(tiny_model), str(data), dataset={"uri": str(data), **ref})
+    with pytest.raises(TrainingFailed, match=message):
+        _train_task(tmp_path, request)
+    failed = RunResult.read(tmp_path / "result" / "result.json")
+    assert (
+        failed.status == "failed" and failed.error and __import__("re").match(message, failed.error)
+    )
+
+
+def test_train_task_checks_the_model_archive_digest(
+    tmp_path: Path, model_archives: dict[str, Path]
+) -> None:
+    import hashlib
+
+    from pipelines.component_impl import TrainingFailed
+
+    archive = model_archives["tar.gz"]
+    data = write_rows(tmp_path / "train.jsonl", 5)
+    bad = make_request(
+        "job-sha", str(archive), str(data), model_artifact={"uri": str(archive), "sha256": "f" * 64}
+    )
+    with pytest.raises(
+        TrainingFailed,
+        match=r"model_artifact\.sha256: .*tiny\.tar\.gz' has "
+        r"sha256 [0-9a-f]{64}, the request says f{64}",
+    ):
+        _train_task(tmp_path, bad)
+    good_sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    ok = make_request(
+        "job-sha",
+        str(archive),
+        str(data),
+        model_artifact={"uri": str(archive), "sha256": good_sha},
+        dataset={"uri": str(data), "rows": 5},
+    )
+    ok["training_config"].update(n_epochs=1, max_steps_per_epoch=1)
+    assert _train_task(tmp_path, ok)["status"] == "completed"
