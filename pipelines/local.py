@@ -54,6 +54,7 @@ def run_request(
         progress_path=str(Path(progress_path).resolve()) if progress_path else "",
         result_uri=str(result_dir),
     )
+    args["cache_dir"] = str(settings.cache_dir)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(workdir / "pipeline_root"),

@@ -94,8 +94,9 @@ class PipelineSettings:
 
     @property
     def task_cache_dir(self) -> str:
-        """The model cache as the training task sees it (the PVC mount when one is set)."""
-        return MODEL_CACHE_MOUNT if self.model_cache_pvc else str(self.cache_dir)
+        """The compiled pipeline's default model cache: the PVC mount when one is set, else ""
+        (a pod-local scratch cache). Local runs pass ``cache_dir`` explicitly."""
+        return MODEL_CACHE_MOUNT if self.model_cache_pvc else ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> PipelineSettings:

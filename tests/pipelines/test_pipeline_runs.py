@@ -22,7 +22,11 @@ from tests.pipelines.pipeline_helpers import make_request, make_tar, run_cli, wr
 from tests.pipelines.test_pipeline_units import receiver  # noqa: F401  (fixture)
 
 # The trainer image's name need not contain "python"; kfp.local warns about that.
-pytestmark = pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning"),
+    # kfp.local's importer warns about s3:// URIs; the train task fetches them itself.
+    pytest.mark.filterwarnings("ignore:It looks like you're using the remote file:UserWarning"),
+]
 
 
 def _load(path: Path) -> dict:
@@ -50,7 +54,7 @@ def _run_local(request: dict, workdir: Path, cache: Path, **arguments: str) -> N
         raise_on_error=False,
     )
     pipeline = build_pipeline(PipelineSettings(cache_dir=cache))
-    pipeline(**pipeline_arguments(request, **arguments))
+    pipeline(**pipeline_arguments(request, **arguments), cache_dir=str(cache))
 
 
 def test_run_trains_checkpoints_and_notifies(

@@ -53,6 +53,7 @@ def test_settings_from_env_reads_every_field(tmp_path: Path) -> None:
     assert s.tolerations == ({"key": "gpu", "operator": "Exists"},)
     assert s.image_pull_secrets == ("a", "b")
     assert s.model_cache_pvc == "models" and s.task_cache_dir == "/var/cache/kfp-trainer"
+    assert PipelineSettings(cache_dir=tmp_path).task_cache_dir == ""  # pods: scratch cache
     assert s.s3_secret_name == "creds" and s.s3_endpoint_url == "http://minio:9000"
     assert s.cache_dir == tmp_path
 
