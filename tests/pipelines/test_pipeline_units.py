@@ -731,3 +731,74 @@ def test_train_task_checks_the_model_archive_digest(
     )
     ok["training_config"].update(n_epochs=1, max_steps_per_epoch=1)
     assert _train_task(tmp_path, ok)["status"] == "completed"
+
+
+# ---------------------------------------------------------------- recipe options (in-process)
+
+
+@pytest.mark.parametrize(
+    ("algo", "training", "fmt", "dtype"),
+    [
+        (
+            {
+                "use_dora": True,
+                "apply_lora_to_mlp": True,
+                "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"],
+            },
+            {"optimizer_type": "adam"},
+            "instruct",
+            "bf16",
+        ),
+        ({"apply_lora_to_mlp": False}, {"optimizer_type": "sgd", "lr": 0.05}, "dialog", "fp16"),
+    ],
+)
+def test_recipe_options_train(
+    tmp_path: Path, tiny_model: Path, algo: dict, training: dict, fmt: str, dtype: str
+) -> None:
+    import math
+
+    from pipelines.recipe import run_recipe
+
+    data = write_rows(tmp_path / "d.jsonl", 10, fmt)
+    request = make_request("job-opt", str(tiny_model), str(data))
+    request["algorithm_config"].update(algo)
+    request["training_config"]["optimizer_config"].update(training)
+    request["training_config"]["data_config"].update(data_format=fmt, train_on_input=True)
+    request["training_config"].update(
+        dtype=dtype, n_epochs=1, gradient_accumulation_steps=1, max_steps_per_epoch=None
+    )
+    request["training_config"]["efficiency_config"] = {"enable_activation_checkpointing": True}
+    progress: list[dict] = []
+    result = run_recipe(
+        request,
+        model_dir=tiny_model,
+        dataset_path=data,
+        validation_path=None,
+        output_dir=tmp_path / "out",
+        checkpoint_format="huggingface",
+        progress=progress.append,
+    )
+    assert result.status == "completed" and result.dataset_rows == 10
+    assert [p["step"] for p in progress] == [1, 2, 3]  # ceil(10 rows / batch 4)
+    assert all(math.isfinite(p["loss"]) for p in progress)
+    # fp16 is not trained as such (no loss scaling): the run says what it used instead.
+    assert result.resources_allocated["dtype"] == ("fp32" if dtype == "fp16" else dtype)
+    assert result.resources_allocated["requested_dtype"] == dtype
+    adapter = json.loads(
+        (tmp_path / "out" / "llama3.2-tiny-sft-0" / "adapter" / "adapter_config.json").read_text()
+    )
+    assert adapter["use_dora"] is bool(algo.get("use_dora"))
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8.0
+
+
+def test_train_on_input_decides_which_tokens_are_learned(tiny_model: Path, tmp_path: Path) -> None:
+    from pipelines.modeling import load_tokenizer
+    from pipelines.recipe import IGNORE_INDEX, tokenize
+
+    rows = read_dataset(write_rows(tmp_path / "d.jsonl", 2, "dialog"), "dialog")
+    tok = load_tokenizer(tiny_model, 256)
+    answer_only = tokenize(rows, tok, train_on_input=False)[0]
+    everything = tokenize(rows, tok, train_on_input=True)[0]
+    assert answer_only["tokens"] == everything["tokens"]
+    learned = sum(t != IGNORE_INDEX for t in answer_only["labels"])
+    assert 0 < learned < sum(t != IGNORE_INDEX for t in everything["labels"])
