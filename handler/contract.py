@@ -129,6 +129,22 @@ def schema(event_type: str) -> dict[str, Any]:
     return json.loads(text)
 
 
+@cache
+def _fast_validator(event_type: str) -> Any:
+    """A compiled validator for the common, valid case (about 20x faster than jsonschema).
+
+    It is at least as strict as the Draft 2020-12 validator for our schemas (no keyword they use
+    differs between draft 7 and 2020-12; formats are not checked by either), so "valid" here
+    means valid; anything it rejects is re-validated by jsonschema, whose messages we report.
+    """
+    try:
+        import fastjsonschema
+    except ImportError:  # optional speed-up: jsonschema alone gives the same answers
+        return None
+    body = {k: v for k, v in schema(event_type).items() if k != "$schema"}
+    return fastjsonschema.compile(body, use_formats=False)
+
+
 def _path(error: jsonschema.ValidationError) -> str:
     parts = [str(p) if not isinstance(p, int) else f"[{p}]" for p in error.absolute_path]
     return ".".join(parts).replace(".[", "[") or "(data)"
@@ -143,6 +159,13 @@ def validate_data(event_type: str, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ContractError([f"data must be a JSON object, got {type(data).__name__}"])
     unsupported = _unsupported_training(data) if event_type == JOB_REQUESTED else []
+    fast = None if unsupported else _fast_validator(event_type)
+    if fast is not None:
+        try:
+            fast(data)
+            return data
+        except ValueError:  # fastjsonschema.JsonSchemaException: explain it below
+            pass
     problems: list[str] = list(unsupported)
     validator = jsonschema.Draft202012Validator(schema(event_type))
     for err in sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path]):

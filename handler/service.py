@@ -82,6 +82,9 @@ class HandlerService:
         self.backend = backend
         self.owner = f"{procs.token()}/{uuid.uuid4().hex[:8]}"
         self.outbox = Outbox(settings, store, self.owner)
+        # Events nobody here needs are born delivered: no sink configured, no subscriber yet.
+        store.sink_delivery = bool(settings.sink)
+        store.local_delivery = False
         self._limit: int | None = getattr(backend, "max_concurrent", None)
         self._poll_s: float | None = getattr(backend, "poll_interval_s", None)
         self._stop = threading.Event()
@@ -140,7 +143,12 @@ class HandlerService:
             log.info("handler service stopped", extra={"owner": self.owner})
 
     def subscribe(self, callback: Callable[[BaseCloudEvent], None]) -> None:
-        """Deliver every emitted event to ``callback`` in this process (local mode)."""
+        """Deliver every emitted event to ``callback`` in this process (local mode).
+
+        Subscribe before the first ``handle()``/``start()``: events emitted while nobody here
+        subscribes are not kept for later subscribers.
+        """
+        self.store.local_delivery = True
         self.outbox.subscribe(callback)
 
     # -- queries ---------------------------------------------------------------------------------

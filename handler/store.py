@@ -11,6 +11,7 @@ no state without its event.
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 import threading
 import time
@@ -84,6 +85,19 @@ CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sink_done, local_done, seq)
 
 class StoreUnavailable(RuntimeError):
     """The database cannot be read or written right now (locked, disk, permissions): 503."""
+
+
+# SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100 ms: fine for
+# rare contention, a p99 disaster for short transactions from several processes. It gets a
+# token timeout; the store retries itself with sub-millisecond-to-5 ms jittered sleeps.
+_SQLITE_BUSY_MS: Final = 2
+_RETRY_MIN_S: Final = 0.0002
+_RETRY_MAX_S: Final = 0.005
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    text = str(exc)
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
 
 @dataclass(frozen=True)
@@ -219,6 +233,10 @@ class JobStore:
         self._lock = threading.Lock()
         self._opened: list[sqlite3.Connection] = []
         self._schema_ready = False
+        # Who still needs an emitted event: an HTTP sink, in-process subscribers. An event
+        # nobody needs is born delivered (no outbox traffic in a deployment without a sink).
+        self.sink_delivery = True
+        self.local_delivery = True
 
     # -- connections -------------------------------------------------------------------------
 
@@ -226,47 +244,38 @@ class JobStore:
         conn = self._local.conn
         if conn is not None:
             return conn
-        conn = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
                 self.path,
-                timeout=self.busy_timeout_s,
+                timeout=_SQLITE_BUSY_MS / 1000,
                 isolation_level=None,
                 check_same_thread=False,
             )
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            conn.execute("PRAGMA synchronous = FULL")
-            with self._lock:
-                if not self._schema_ready:
-                    self._init_schema(conn)
-                    self._schema_ready = True
-                self._opened.append(conn)
         except (sqlite3.Error, OSError) as exc:
-            if conn is not None:
-                with suppress(sqlite3.Error):
-                    conn.close()
             raise StoreUnavailable(f"job store {self.path} cannot be opened: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        try:
+            # Even pragmas can meet a lock while another process sets the file up: retry them.
+            self._retrying("cannot be opened", lambda: self._setup(conn))
+        except StoreUnavailable:
+            with suppress(sqlite3.Error):
+                conn.close()
+            raise
         self._local.conn = conn
         return conn
 
-    def _init_schema(self, conn: sqlite3.Connection) -> None:
-        """WAL mode (persistent in the file) and the tables, once per store.
-
-        Switching the journal mode can fail with SQLITE_BUSY at once, without waiting on the busy
-        timeout, while another process initialises the same file: retry within the timeout.
-        """
-        deadline = time.monotonic() + self.busy_timeout_s
-        while True:
-            try:
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        """Connection pragmas; WAL mode (persistent in the file) and the tables once per store."""
+        conn.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_MS}")
+        conn.execute("PRAGMA synchronous = FULL")
+        with self._lock:
+            if not self._schema_ready:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.executescript(_SCHEMA)
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                self._schema_ready = True
+            if conn not in self._opened:
+                self._opened.append(conn)
 
     def close(self) -> None:
         """Close every connection this store opened (call once its threads have stopped)."""
@@ -277,14 +286,24 @@ class JobStore:
             self._opened.clear()
         self._local = _Conns()
 
+    def _retrying(self, what: str, attempt: Callable[[], Any]) -> Any:
+        """Run ``attempt`` until it stops hitting a lock, for at most ``busy_timeout_s``."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        delay = _RETRY_MIN_S
+        while True:
+            try:
+                return attempt()
+            except sqlite3.Error as exc:
+                if not _busy(exc) or time.monotonic() > deadline:
+                    raise StoreUnavailable(f"job store {self.path} {what}: {exc}") from exc
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, _RETRY_MAX_S)
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """A write transaction that takes the database lock up front (no upgrade deadlocks)."""
         conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"job store {self.path} is not writable now: {exc}") from exc
+        self._retrying("is not writable now", lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             yield conn
         except BaseException as exc:
@@ -294,17 +313,15 @@ class JobStore:
                 raise StoreUnavailable(f"job store {self.path} failed a write: {exc}") from exc
             raise
         try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+            self._retrying("could not commit", lambda: conn.execute("COMMIT"))
+        except StoreUnavailable:
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            raise StoreUnavailable(f"job store {self.path} could not commit: {exc}") from exc
+            raise
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        try:
-            return self._conn().execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"job store {self.path} cannot be read: {exc}") from exc
+        conn = self._conn()
+        return self._retrying("cannot be read", lambda: conn.execute(sql, args).fetchall())
 
     def ping(self) -> None:
         """Raise :class:`StoreUnavailable` unless the store can be read (backs /readyz)."""
@@ -340,7 +357,7 @@ class JobStore:
             job = _job(
                 conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job_uuid,)).fetchone()
             )
-            self._add_event(conn, event(job), sink_done=True)
+            self._add_event(conn, event(job), reply=True)
             return job, True
 
     def job(self, job_uuid: str) -> Job | None:
@@ -427,7 +444,20 @@ class JobStore:
         """Claim the oldest queued job for ``owner`` if fewer than ``limit`` jobs are active.
 
         Strict FIFO: when the oldest queued job waits for a submit retry, nothing overtakes it.
+        A read decides first whether there can be anything to claim, so idle workers polling
+        for work take no write lock.
         """
+        head = self._read(
+            "SELECT next_submit_at FROM jobs WHERE state = ? AND cancel_requested = 0"
+            " ORDER BY seq LIMIT 1",
+            (QUEUED,),
+        )
+        if not head or head[0]["next_submit_at"] > now:
+            return None
+        if limit is not None:
+            active = self._read("SELECT COUNT(*) AS n FROM jobs WHERE state IN (?, ?)", ACTIVE)
+            if active[0]["n"] >= limit:
+                return None
         with self._tx() as conn:
             if limit is not None:
                 active = conn.execute(
@@ -474,19 +504,22 @@ class JobStore:
     # -- outbox --------------------------------------------------------------------------------
 
     def _add_event(
-        self, conn: sqlite3.Connection, event: BaseCloudEvent, *, sink_done: bool = False
+        self, conn: sqlite3.Connection, event: BaseCloudEvent, *, reply: bool = False
     ) -> None:
+        """Add an emitted event; ``reply``: it travels as the HTTP reply, not to the sink."""
         subject = event.get_subject() or ""
         conn.execute(
-            "INSERT OR IGNORE INTO outbox (event_id, job_uuid, type, event, created_at, sink_done)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO outbox"
+            " (event_id, job_uuid, type, event, created_at, sink_done, local_done)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 event.get_id(),
                 subject,
                 event.get_type(),
                 json.dumps(event_to_dict(event)),
                 time.time(),
-                int(sink_done),
+                int(reply or not self.sink_delivery),
+                int(not self.local_delivery),
             ),
         )
 
@@ -514,6 +547,13 @@ class JobStore:
         ``job.completed`` before ``job.started``. A lease that expires (its worker died) lets
         another worker retry the event.
         """
+        due = self._read(
+            "SELECT 1 FROM outbox WHERE (sink_done = 0 OR local_done = 0)"
+            " AND next_attempt_at <= ? AND lease_until <= ? LIMIT 1",
+            (now, now),
+        )
+        if not due:
+            return []
         with self._tx() as conn:
             rows = conn.execute(
                 """

@@ -15,6 +15,7 @@ BACKENDS: Final[dict[str, str]] = {
     "local": "handler.backends.local:LocalBackend",
     "remote": "handler.remote.backend:RemoteBackend",
     "noop": "handler.backends.noop:NoopBackend",
+    "hold": "handler.backends.noop:HoldBackend",
 }
 
 

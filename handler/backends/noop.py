@@ -43,3 +43,15 @@ class NoopBackend:
 
     def ready(self) -> bool:
         return True
+
+
+class HoldBackend(NoopBackend):
+    """Accepts every job and starts none: jobs stay scheduled (cancel still works).
+
+    Selected with ``KFP_TRAINER_BACKEND=hold``: benchmarks of the ingress path alone, and a
+    deployment that should queue requests without running them (e.g. while KFP is maintained).
+    """
+
+    name = "hold"
+    max_concurrent: int | None = 0
+    poll_interval_s: float | None = None
