@@ -236,6 +236,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clients", default="2x2", help="PROCESSESxTHREADS of the load generator")
+    parser.add_argument("--logs", type=Path, help="keep both servers' JSON logs in this directory")
     args = parser.parse_args()
     procs, threads = (int(x) for x in args.clients.split("x"))
 
@@ -276,6 +277,10 @@ def main() -> int:
         finally:
             handler.stop()
             bare.stop()
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for name in ("handler.log", "bare.log"):
+                    (args.logs / name).write_bytes((base / name).read_bytes())
 
     print(
         f"gunicorn workers={args.workers} threads={args.threads}; load {procs} processes x "

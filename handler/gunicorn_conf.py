@@ -12,6 +12,7 @@ lines on stdout.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -67,10 +68,15 @@ def _service(worker: Any) -> Any:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Start this worker's dispatcher and outbox threads now, not on the first request."""
+    """Start this worker's dispatcher and outbox threads now, not on the first request.
+
+    Everything loaded so far (the app, its modules) lives as long as the worker: freezing it
+    keeps the garbage collector from rescanning it, which shows as latency spikes otherwise.
+    """
     service = _service(worker)
     if service is not None:
         service.start_once()
+    gc.freeze()
 
 
 def worker_exit(server: Any, worker: Any) -> None:

@@ -31,7 +31,16 @@ from handler.errors import BadRequest, Unavailable, error_reply
 from handler.outbox import Outbox
 from handler.reply import Reply, event_reply, json_reply
 from handler.settings import HandlerSettings, SettingsError
-from handler.store import ACTIVE, QUEUED, RUNNING, STARTING, Job, JobStore, StoreUnavailable
+from handler.store import (
+    ACTIVE,
+    QUEUED,
+    RUNNING,
+    STARTING,
+    Job,
+    JobStore,
+    StoreUnavailable,
+    new_job,
+)
 
 __all__ = ["HandlerService", "Reply", "create_service"]
 
@@ -40,6 +49,7 @@ log = logs.get("handler.service")
 TICK_S: Final = 0.5  # how often a worker looks for work queued by other workers
 ADOPT_EVERY_S: Final = 2.0
 CANCEL_RESEND_S: Final = 5.0
+READY_CACHE_S: Final = 1.0
 _EXTENSION_NAME: Final = re.compile(r"^[a-z0-9]{1,20}$")
 _PROGRESS_KEYS: Final = {"step": int, "total_steps": int, "epoch": int, "loss": (int, float)}
 
@@ -93,6 +103,7 @@ class HandlerService:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._cancel_sent: dict[str, float] = {}
+        self._ready_until = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -274,21 +285,26 @@ class HandlerService:
         if problems:
             raise BadRequest(problems)
         request = self._resolve(data)
-        if not self.backend.ready():
+        if not self._backend_ready():
             raise Unavailable(f"the {self.backend.name} backend is not ready; retry later")
-        job, created = self.store.insert_job(
-            job_uuid=job_uuid,
-            digest=digest,
-            request=request,
-            scheduled_at=now_iso(),
-            event=lambda j: self._event(contract.JOB_SCHEDULED, j),
-        )
+        fresh = new_job(job_uuid=job_uuid, digest=digest, request=request, scheduled_at=now_iso())
+        event = self._event(contract.JOB_SCHEDULED, fresh)
+        job, created = self.store.insert_job(fresh, event)
         if not created:
             return self._redelivered(job, digest)
         log.info("job queued", extra={"job_uuid": job_uuid, "model": data["model"]})
         self._wake_dispatch.set()
         self._wake_outbox.set()
-        return self._scheduled_reply(job)
+        return event_reply(event)
+
+    def _backend_ready(self) -> bool:
+        """``backend.ready()``, remembered for a second when true (it may cost a round trip)."""
+        now = time.monotonic()
+        if now < self._ready_until:
+            return True
+        ready = bool(self.backend.ready())
+        self._ready_until = now + READY_CACHE_S if ready else 0.0
+        return ready
 
     def _redelivered(self, job: Job, digest: str) -> Reply:
         if job.digest != digest:

@@ -10,14 +10,16 @@ no state without its event.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -91,8 +93,8 @@ class StoreUnavailable(RuntimeError):
 # rare contention, a p99 disaster for short transactions from several processes. It gets a
 # token timeout; the store retries itself with sub-millisecond-to-5 ms jittered sleeps.
 _SQLITE_BUSY_MS: Final = 2
-_RETRY_MIN_S: Final = 0.0002
-_RETRY_MAX_S: Final = 0.005
+_RETRY_MIN_S: Final = 0.00005
+_RETRY_MAX_S: Final = 0.001
 
 
 def _busy(exc: sqlite3.Error) -> bool:
@@ -147,6 +149,30 @@ class Job:
             "error": self.error,
         }
         return data
+
+
+def new_job(*, job_uuid: str, digest: str, request: dict[str, Any], scheduled_at: str) -> Job:
+    """A job as it is when first queued (before the store gives it a sequence number)."""
+    return Job(
+        seq=0,
+        job_uuid=job_uuid,
+        digest=digest,
+        request=request,
+        state=QUEUED,
+        cancel_requested=False,
+        run_id=None,
+        owner=None,
+        scheduled_at=scheduled_at,
+        started_at=None,
+        completed_at=None,
+        progress=None,
+        progress_emitted_at=None,
+        progress_emitted_step=None,
+        result={},
+        error=None,
+        submit_attempts=0,
+        next_submit_at=0.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -233,6 +259,8 @@ class JobStore:
         self._lock = threading.Lock()
         self._opened: list[sqlite3.Connection] = []
         self._schema_ready = False
+        self._writer_lock = threading.Lock()
+        self._lock_fd: int | None = None
         # Who still needs an emitted event: an HTTP sink, in-process subscribers. An event
         # nobody needs is born delivered (no outbox traffic in a deployment without a sink).
         self.sink_delivery = True
@@ -284,6 +312,9 @@ class JobStore:
                 with suppress(sqlite3.Error):
                     conn.close()
             self._opened.clear()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
         self._local = _Conns()
 
     def _retrying(self, what: str, attempt: Callable[[], Any]) -> Any:
@@ -300,8 +331,40 @@ class JobStore:
             delay = min(delay * 2, _RETRY_MAX_S)
 
     @contextmanager
+    def _writer(self) -> Iterator[None]:
+        """Queue writers in the kernel, not in SQLite's sleep-and-retry busy loop.
+
+        One thread per process (a lock), one process per file (``flock`` on ``<db>.lock``,
+        released by the kernel if the holder dies): a waiting writer wakes the moment the
+        previous one commits, which keeps tail latency flat when several gunicorn workers and
+        their threads write at once. SQLite's own locking still guards everything else.
+        """
+        if not self._writer_lock.acquire(timeout=self.busy_timeout_s):
+            raise StoreUnavailable(f"job store {self.path} is not writable now: busy")
+        try:
+            if self._lock_fd is None:
+                try:
+                    self._lock_fd = os.open(
+                        f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                    )
+                except OSError as exc:
+                    raise StoreUnavailable(f"job store {self.path} lock file: {exc}") from exc
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            self._writer_lock.release()
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """A write transaction that takes the database lock up front (no upgrade deadlocks)."""
+        with self._writer(), self._tx_locked() as conn:
+            yield conn
+
+    @contextmanager
+    def _tx_locked(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
         self._retrying("is not writable now", lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
@@ -329,36 +392,33 @@ class JobStore:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def insert_job(
-        self,
-        *,
-        job_uuid: str,
-        digest: str,
-        request: dict[str, Any],
-        scheduled_at: str,
-        event: Callable[[Job], BaseCloudEvent],
-    ) -> tuple[Job, bool]:
-        """Queue a job and its job.scheduled event, or return the job already stored.
+    def insert_job(self, job: Job, event: BaseCloudEvent) -> tuple[Job, bool]:
+        """Queue ``job`` (from :func:`new_job`) with its job.scheduled ``event``, unless a job
+        with that job_uuid is stored already, which is returned instead.
 
-        The scheduled event travels as the HTTP reply, so its outbox row is born sink-delivered
-        and only in-process subscribers still get it from the outbox.
+        The event is built before the transaction, so the write lock is held for the inserts
+        only. It travels as the HTTP reply, so its outbox row is born sink-delivered.
 
-        :return: (job, created)
+        :return: (the stored job, whether it was created now)
         """
         with self._tx() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job_uuid,)).fetchone()
+            row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
             if row is not None:
                 return _job(row), False
-            conn.execute(
+            cur = conn.execute(
                 "INSERT INTO jobs (job_uuid, digest, request, state, scheduled_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (job_uuid, digest, _dumps(request), QUEUED, scheduled_at, time.time()),
+                (
+                    job.job_uuid,
+                    job.digest,
+                    _dumps(job.request),
+                    QUEUED,
+                    job.scheduled_at,
+                    time.time(),
+                ),
             )
-            job = _job(
-                conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job_uuid,)).fetchone()
-            )
-            self._add_event(conn, event(job), reply=True)
-            return job, True
+            self._add_event(conn, event, reply=True)
+            return replace(job, seq=cur.lastrowid or 0), True
 
     def job(self, job_uuid: str) -> Job | None:
         rows = self._read("SELECT * FROM jobs WHERE job_uuid = ?", (job_uuid,))

@@ -173,7 +173,8 @@ def test_cancel_stops_the_running_process_group(local, dataset):
     token = procs.token(grandchild)
     reply = service.handle(cancel_message("job-long"))
     assert reply.status == 202
-    assert reply.json() == {"job_uuid": "job-long", "status": "cancelling"}
+    # "cancelled" when the process was already gone by the time the handler looked again.
+    assert reply.json()["status"] in ("cancelling", "cancelled")
     wait_for(lambda: "job.cancelled" in rec.types("job-long"), 30, "job.cancelled")
     assert status_of(service, "job-long") == "cancelled"
     wait_for(lambda: not procs.alive(token), 10, "the grandchild to be gone")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from handler import contract
-from handler.store import QUEUED, RUNNING, JobStore
+from handler.store import QUEUED, RUNNING, JobStore, new_job
 
 
 def _scheduled(job):
@@ -19,13 +19,8 @@ def _scheduled(job):
 def _queue(store: JobStore, n: int, prefix: str = "job") -> list[str]:
     uuids = [f"{prefix}-{i}" for i in range(n)]
     for u in uuids:
-        store.insert_job(
-            job_uuid=u,
-            digest="d",
-            request={"job_uuid": u},
-            scheduled_at="2026-01-01T00:00:00Z",
-            event=_scheduled,
-        )
+        job = new_job(job_uuid=u, digest="d", request={"job_uuid": u}, scheduled_at="2026-01-01")
+        store.insert_job(job, _scheduled(job))
     return uuids
 
 
@@ -68,13 +63,8 @@ def test_claim_is_strictly_fifo_behind_a_job_waiting_for_retry(tmp_path):
 def test_insert_is_idempotent_and_the_scheduled_event_is_born_sink_delivered(tmp_path):
     store = JobStore(tmp_path / "h.sqlite3")
     _queue(store, 1)
-    job, created = store.insert_job(
-        job_uuid="job-0",
-        digest="other",
-        request={},
-        scheduled_at="2026-01-02T00:00:00Z",
-        event=_scheduled,
-    )
+    again = new_job(job_uuid="job-0", digest="other", request={}, scheduled_at="2026-01-02")
+    job, created = store.insert_job(again, _scheduled(again))
     assert not created
     assert job.digest == "d"
     rows = store.claim_outbox("w", now=time.time(), lease_s=60)
