@@ -66,6 +66,7 @@ class KfpState:
 
     def __init__(self, work_dir: Path) -> None:
         self.work_dir = work_dir
+        self.multi_user = False  # multi-user KFP: experiments live in a namespace
         self.secrets: dict[str, dict[str, str]] = {}
         self.task_env: dict[str, str] = {}
         self._lock = threading.RLock()
@@ -80,6 +81,10 @@ class KfpState:
         if not isinstance(name, str) or not name.strip():
             raise ApiError(400, "Invalid input error: experiment display_name is empty")
         namespace = body.get("namespace") or ""
+        if self.multi_user and not namespace:
+            raise ApiError(
+                400, "Invalid input error: multi-user mode needs an experiment namespace"
+            )
         with self._lock:
             for exp in self._experiments.values():
                 if exp["display_name"] == name and exp["namespace"] == namespace:
@@ -109,6 +114,8 @@ class KfpState:
         keys = frozenset(("display_name", "experiment_id", "namespace", "storage_state"))
         match = parse_filter(query.get("filter"), keys)
         namespace = query.get("namespace") or ""
+        if self.multi_user and not namespace:
+            raise ApiError(400, "Invalid input error: multi-user mode needs a namespace to list")
         with self._lock:
             items = [
                 dict(e)

@@ -138,7 +138,7 @@ class KfpStandin:
         raise ApiError(404, f"Not Found: {path}")
 
     def _healthz(self, query: dict[str, str], body: Any) -> dict[str, Any]:
-        return {"multi_user": False, "pipeline_store": "database"}
+        return {"multi_user": self.state.multi_user, "pipeline_store": "database"}
 
     def _list_experiments(self, query: dict[str, str], body: Any) -> dict[str, Any]:
         return self.state.list_experiments(query)

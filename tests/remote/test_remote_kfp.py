@@ -46,6 +46,16 @@ def test_static_token_experiment_created_once_and_cached(standin):
     assert client.runs_named(exp, "job-x") == []
 
 
+def test_multi_user_server_gets_the_namespace(standin):
+    standin.state.multi_user = True
+    client = KfpClient(
+        RemoteSettings(kfp_host=standin.url, kfp_token="first-token", kfp_namespace="team-b")
+    )
+    exp = client.experiment_id("shared-name")
+    assert standin.state.get_experiment(exp)["namespace"] == "team-b"
+    assert client.runs_named(exp, "job-1") == []
+
+
 def test_401_rebuilds_with_fresh_service_account_token(standin, tmp_path, caplog):
     token_file = tmp_path / "token"
     token_file.write_text("first-token\n")
