@@ -109,7 +109,7 @@ class RemoteBackend:
         self.remote = remote
         self.store = store
         self.kfp = KfpClient(remote)
-        self._pipeline_settings = getattr(settings, "pipeline", None)
+        self._pipeline_settings: PipelineSettings = settings.pipeline
         self._lock = threading.Lock()
         self._spec: dict[str, Any] | None = None
         self._s3: Any = None
@@ -135,9 +135,8 @@ class RemoteBackend:
         import yaml
 
         from pipelines.pipeline import compile_pipeline
-        from pipelines.settings import PipelineSettings
 
-        settings: PipelineSettings = self._pipeline_settings or PipelineSettings.from_env()
+        settings = self._pipeline_settings
         with tempfile.TemporaryDirectory(prefix="kfp-trainer-ir-") as tmp:
             path = compile_pipeline(settings, Path(tmp) / "pipeline.yaml")
             docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]

@@ -164,3 +164,32 @@ def test_deleted_experiment_is_retried_then_recreated(setup, tmp_path):
     assert standin.state.get_run(run_id)["display_name"] == "job-exp"
     backend.cancel("job-exp", run_id)
     assert standin.state.wait_idle(60)
+
+
+def test_kubernetes_settings_reach_the_submitted_platform_spec(setup, tmp_path):
+    backend, standin, remote, model_uri = setup
+    pipeline = PipelineSettings(
+        s3_endpoint_url=remote.s3_endpoint_url,
+        node_selector={"node.kubernetes.io/instance-type": "g5.xlarge"},
+        tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
+        image_pull_secrets=("quay-pull",),
+        model_cache_pvc="model-cache",
+        accelerator_count=1,
+        s3_secret_name="team-s3",
+    )
+    settings = HandlerSettings(mode="remote", remote=remote, pipeline=pipeline)
+    gpu_backend = RemoteBackend(settings, None)
+    request = fx.remote_request(remote, "job-k8s", tmp_path, model_uri)
+    run_id = gpu_backend.submit(request)
+    gpu_backend.cancel("job-k8s", run_id)  # the stand-in has no GPU node; only the spec matters
+    platform = standin.state.platform_spec(run_id)["platforms"]["kubernetes"]
+    train = platform["deploymentSpec"]["executors"]["exec-train"]
+    assert train["nodeSelector"]["labels"] == {"node.kubernetes.io/instance-type": "g5.xlarge"}
+    assert train["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert [s["secretName"] for s in train["secretAsEnv"]] == ["team-s3"]
+    assert train["pvcMount"][0]["mountPath"]
+    assert "quay-pull" in json.dumps(train["imagePullSecret"])
+    spec = standin.state.get_run(run_id)["pipeline_spec"]["pipeline_spec"]
+    resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert resources["accelerator"]["resourceCount"] == "1"
+    assert standin.state.wait_idle(60)
