@@ -265,12 +265,17 @@ class HandlerService:
             store = default_store()
         try:
             uri = resolve_model_uri(data["model"], store)
-        except StagingError as exc:
+        except StagingError as exc:  # not there, or the store said no (bucket, access): for good
             raise BadRequest(f"model_artifact: not given and not resolvable: {exc}") from None
-        except OSError as exc:
+        except OSError as exc:  # pipelines' StorageUnavailable is a ConnectionError: not now
+            log.warning(
+                "model store unavailable",
+                extra={"model": data["model"], "model_store": store, "problem": str(exc)},
+            )
             raise Unavailable(
-                f"the model store could not be searched for {data['model']!r}; retry later"
-            ) from exc
+                f"model_artifact: not given, and model store {store!r} could not be searched "
+                f"for model {data['model']!r} right now; retry later"
+            ) from None
         return {**data, "model_artifact": {"uri": uri}}
 
     def _requested(self, data: dict[str, Any]) -> Reply:

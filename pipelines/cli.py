@@ -69,6 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     from pipelines.local import run_request
     from pipelines.settings import PipelineSettings
     from pipelines.staging import StagingError, resolve_model_uri
+    from pipelines.storage import StorageUnavailable
     from pipelines.validation import check_request
 
     logs.configure(os.environ.get("KFP_TRAINER_LOG_LEVEL", "INFO"))
@@ -84,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
         store = args.model_store or os.environ.get("KFP_TRAINER_MODEL_STORE", "")
         try:
             uri = resolve_model_uri(str(request.get("model", "")), store)
-        except StagingError as exc:
+        except (StagingError, StorageUnavailable) as exc:
             return _fail(request, f"model_artifact.uri: {exc}", args.out)
         request = {**request, "model_artifact": {"uri": uri}}
     problems = check_request(request)

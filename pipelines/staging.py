@@ -39,7 +39,10 @@ def resolve_model_uri(model: str, model_store: str) -> str:
     Tries ``<store>/<model>`` (a directory), then ``<store>/<model>.tar``, then ``.tar.gz``; with
     a registry alias it also tries the canonical name.
 
-    :raises StagingError: nothing found; the message lists every place tried.
+    :raises StagingError: nothing found (the message lists every place tried), or the store
+        refused the lookup for good (no such bucket, access denied).
+    :raises storage.StorageUnavailable: the store did not answer; retry later (a
+        ``ConnectionError``: transient, unlike everything above).
     """
     if not model_store:
         raise StagingError(
@@ -60,8 +63,14 @@ def resolve_model_uri(model: str, model_store: str) -> str:
             tried.append(uri)
             try:
                 found = storage.exists(uri)
+            except storage.StorageUnavailable as exc:
+                raise storage.StorageUnavailable(
+                    f"cannot look up model {model!r} in model store {model_store!r}: {exc}"
+                ) from None
             except storage.StorageError as exc:
-                raise StagingError(f"cannot look up model {model!r}: {exc}") from None
+                raise StagingError(
+                    f"cannot look up model {model!r} in model store {model_store!r}: {exc}"
+                ) from None
             if found == kind:
                 return uri
     raise StagingError(

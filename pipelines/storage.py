@@ -3,6 +3,10 @@
 The same training task runs locally (artifacts are files already) and remotely (artifacts live
 in S3 and the task fetches them itself, with the endpoint from ``S3_ENDPOINT_URL`` and
 credentials from the standard ``AWS_*`` variables). Nothing here knows what an artifact means.
+
+Every S3 failure leaves as one of two errors, decided in one place (:func:`failure`):
+:class:`StorageUnavailable` when S3 did not answer or said "not now" (a caller may retry) and
+:class:`StorageError` when it said no (missing bucket or object, access denied).
 """
 
 from __future__ import annotations
@@ -13,14 +17,86 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlparse
 
 from pipelines.validation import local_path
 
+# S3 error codes that mean "not now" rather than "no": the same call may succeed later.
+_TRANSIENT_CODES: Final = frozenset(
+    {
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequests",
+        "RequestLimitExceeded",
+    }
+)
+
 
 class StorageError(RuntimeError):
-    """A fetch or publish failed; the message names the URI."""
+    """A fetch or publish failed for good (missing object or bucket, access denied, ...);
+    the message names the URI."""
+
+
+class StorageUnavailable(StorageError, ConnectionError):
+    """The store did not answer, or answered "not now" (connection refused or reset, timeout,
+    5xx, SlowDown, throttling): the same call may succeed later.
+
+    Also a builtin ``ConnectionError``, so a caller that knows nothing of this module can tell a
+    transient failure from a permanent ``StorageError``.
+    """
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when a boto3/botocore failure (or what caused it) means "retry later".
+
+    Connection and read failures, HTTP 5xx and 429, and S3's "slow down"-style codes are
+    transient; every other S3 answer (NoSuchBucket, AccessDenied, 404, ...) is permanent.
+    """
+    from botocore import exceptions as boto
+
+    seen: BaseException | None = exc
+    for _ in range(5):  # the error, and what it wraps (s3transfer re-raises)
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionError | TimeoutError):  # StorageUnavailable included
+            return True
+        if isinstance(seen, boto.ConnectionError | boto.HTTPClientError):
+            return True
+        if isinstance(seen, boto.ClientError):
+            code = str(seen.response.get("Error", {}).get("Code", ""))
+            status = seen.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return code in _TRANSIENT_CODES or status >= 500 or status == 429
+        if type(seen).__name__ == "RetriesExceededError":  # s3transfer gave up retrying
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """An S3 failure in a few words: ``Code: message`` (or the exception's type and text)."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return f"{code}: {error.get('Message') or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def failure(what: str, exc: BaseException) -> StorageError:
+    """The one translation of a boto3/botocore failure: transient or permanent, naming ``what``."""
+    if isinstance(exc, StorageError):
+        return exc
+    if is_transient(exc):
+        return StorageUnavailable(
+            f"{what}: the store did not answer ({describe(exc)}); retry later"
+        )
+    return StorageError(f"{what}: {describe(exc)}")
 
 
 def is_s3(uri: str) -> bool:
@@ -60,13 +136,26 @@ def s3_client(env: Mapping[str, str] | None = None) -> Any:
 
 
 def _list(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    """The objects under ``prefix``.
+
+    :raises StorageUnavailable: S3 did not answer. :raises StorageError: it said no.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
     paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        yield from page.get("Contents", [])
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            yield from page.get("Contents", [])
+    except (BotoCoreError, ClientError) as exc:
+        raise failure(f"cannot list s3://{bucket}/{prefix}", exc) from None
 
 
 def _object(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
-    from botocore.exceptions import ClientError
+    """The object's metadata, or None when there is no such object.
+
+    :raises StorageUnavailable: S3 did not answer. :raises StorageError: it said no.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         return client.head_object(Bucket=bucket, Key=key)
@@ -74,7 +163,9 @@ def _object(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchKey", "NotFound"):
             return None
-        raise StorageError(f"cannot read s3://{bucket}/{key}: {exc}") from None
+        raise failure(f"cannot read s3://{bucket}/{key}", exc) from None
+    except BotoCoreError as exc:
+        raise failure(f"cannot read s3://{bucket}/{key}", exc) from None
 
 
 def exists(uri: str, client: Any = None) -> str | None:
@@ -112,7 +203,8 @@ def fetch(uri: str, dest: Path, client: Any = None) -> Path:
     to ``dest/<basename>``; an s3:// prefix (a "directory") to ``dest/<basename>/...``. Downloads
     land in a temporary name first, so ``dest`` never holds a partial artifact.
 
-    :raises StorageError: nothing exists at ``uri`` or the download fails.
+    :raises StorageUnavailable: S3 did not answer (transient).
+    :raises StorageError: nothing exists at ``uri`` or the download fails for good.
     """
     path = local_path(uri)
     if path is not None:
@@ -155,7 +247,7 @@ def fetch(uri: str, dest: Path, client: Any = None) -> Path:
     except StorageError:
         raise
     except Exception as exc:  # botocore errors carry the detail
-        raise StorageError(f"cannot download {uri!r}: {exc}") from None
+        raise failure(f"cannot download {uri!r}", exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -187,7 +279,7 @@ def publish(local: Path, uri: str, client: Any = None) -> str:
         else:
             client.upload_file(str(local), bucket, key)
     except Exception as exc:
-        raise StorageError(f"cannot upload {str(local)!r} to {uri!r}: {exc}") from None
+        raise failure(f"cannot upload {str(local)!r} to {uri!r}", exc) from None
     return uri
 
 
@@ -206,7 +298,7 @@ def put_bytes(data: bytes, uri: str, client: Any = None) -> str:
     try:
         client.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/json")
     except Exception as exc:
-        raise StorageError(f"cannot write {uri!r}: {exc}") from None
+        raise failure(f"cannot write {uri!r}", exc) from None
     return uri
 
 
@@ -220,16 +312,20 @@ def get_bytes(uri: str, client: Any = None) -> bytes:
     try:
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except Exception as exc:
-        raise StorageError(f"cannot read {uri!r}: {exc}") from None
+        raise failure(f"cannot read {uri!r}", exc) from None
 
 
 __all__ = [
     "StorageError",
+    "StorageUnavailable",
+    "describe",
     "exists",
+    "failure",
     "fetch",
     "fingerprint",
     "get_bytes",
     "is_s3",
+    "is_transient",
     "join",
     "parse_s3",
     "publish",

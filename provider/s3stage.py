@@ -3,13 +3,45 @@
 Rows arrive page by page; bytes are buffered only up to one part, so a dataset larger than the
 provider's memory still stages. Keys follow ``<prefix>/datasets/<job_uuid>/<name>.jsonl``, the
 layout the remote pipeline reads from.
+
+S3 failures are told apart as pipelines.storage tells them (one classification): S3 not
+answering or saying "not now" is :class:`S3Unavailable`, a ``TimeoutError`` (llama-stack answers
+504 with the message: retry), anything else is :class:`S3Refused`, a ``ValueError`` (400 with
+the message: the provider's S3 settings need fixing). Either way nothing was submitted.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from provider.config import S3Config
+
+log = logging.getLogger("provider.s3stage")
+
+
+class S3Unavailable(TimeoutError):
+    """S3 did not answer (or said "not now") while staging a dataset; nothing was submitted."""
+
+
+class S3Refused(ValueError):
+    """S3 refused the dataset upload for good (no such bucket, access denied, ...)."""
+
+
+def staging_error(uri: str, exc: BaseException) -> S3Unavailable | S3Refused:
+    """The provider's error for a failed upload to ``uri``, transient or not."""
+    from pipelines.storage import describe, is_transient
+
+    if is_transient(exc):
+        return S3Unavailable(
+            f"S3 did not answer while staging the dataset to {uri} ({describe(exc)}); "
+            "nothing was submitted, retry the request"
+        )
+    return S3Refused(
+        f"S3 refused the dataset upload to {uri} ({describe(exc)}); check the provider's s3 "
+        "settings (bucket, endpoint, credentials)"
+    )
 
 
 def s3_client(config: S3Config) -> Any:
@@ -59,22 +91,25 @@ class S3MultipartSink:
     def parts_uploaded(self) -> int:
         return len(self._parts)
 
+    def _call(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        """One S3 request; its failure becomes S3Unavailable or S3Refused naming the URI."""
+        try:
+            return fn(Bucket=self.bucket, Key=self.key, **kwargs)
+        except Exception as exc:
+            raise staging_error(self.uri, exc) from None
+
     def _start(self) -> None:
         if self._upload_id is None:
-            reply = self._client.create_multipart_upload(
-                Bucket=self.bucket, Key=self.key, ContentType="application/x-ndjson"
+            reply = self._call(
+                self._client.create_multipart_upload, ContentType="application/x-ndjson"
             )
             self._upload_id = reply["UploadId"]
 
     def _send(self, data: bytes) -> None:
         self._start()
         number = len(self._parts) + 1
-        reply = self._client.upload_part(
-            Bucket=self.bucket,
-            Key=self.key,
-            UploadId=self._upload_id,
-            PartNumber=number,
-            Body=data,
+        reply = self._call(
+            self._client.upload_part, UploadId=self._upload_id, PartNumber=number, Body=data
         )
         self._parts.append({"ETag": reply["ETag"], "PartNumber": number})
 
@@ -89,9 +124,8 @@ class S3MultipartSink:
         if self._buffer or not self._parts:
             self._send(bytes(self._buffer))
             self._buffer.clear()
-        self._client.complete_multipart_upload(
-            Bucket=self.bucket,
-            Key=self.key,
+        self._call(
+            self._client.complete_multipart_upload,
             UploadId=self._upload_id,
             MultipartUpload={"Parts": self._parts},
         )
@@ -99,9 +133,16 @@ class S3MultipartSink:
         return self.uri
 
     def abort(self) -> None:
+        """Cancel the upload; best effort, so the error that caused the abort is what surfaces
+        (parts S3 keeps after a failed abort are what a bucket's lifecycle rule for incomplete
+        multipart uploads removes)."""
         self._buffer.clear()
         if self._upload_id is not None:
             upload_id, self._upload_id = self._upload_id, None
-            self._client.abort_multipart_upload(
-                Bucket=self.bucket, Key=self.key, UploadId=upload_id
-            )
+            try:
+                self._call(self._client.abort_multipart_upload, UploadId=upload_id)
+            except (S3Unavailable, S3Refused) as exc:
+                log.warning(
+                    "could not abort the dataset upload",
+                    extra={"uri": self.uri, "upload_id": upload_id, "problem": str(exc)},
+                )

@@ -221,6 +221,66 @@ def test_unresolvable_model_names_model_and_store(client, dataset, model_store):
     assert str(model_store) in message
 
 
+@pytest.fixture
+def faulty_s3_store(monkeypatch):
+    """A model store in S3 whose endpoint answers every request with the given error."""
+    from tests.pipelines.s3_faults import FaultyS3
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    servers = []
+
+    def start(status: int, code: str) -> str:
+        server = FaultyS3(status, code).__enter__()
+        servers.append(server)
+        monkeypatch.setenv("S3_ENDPOINT_URL", server.url)
+        return "s3://models-bucket/store"
+
+    yield start
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError")])
+def test_model_store_not_answering_is_503_and_nothing_is_recorded(
+    make_app, env, dataset, faulty_s3_store, status, code
+):
+    store = faulty_s3_store(status, code)
+    client = make_app(env, KFP_TRAINER_MODEL_STORE=store).test_client()
+    headers, body = binary(JOB, request_data("j-s3-down", dataset))
+    r = _post(client, headers, body)
+    assert r.status_code == 503, r.json
+    assert r.headers["Retry-After"] == "7"
+    assert r.json["error"] == "unavailable"
+    assert r.json["message"] == (
+        f"model_artifact: not given, and model store {store!r} could not be searched for "
+        "model 'llama3.2-tiny' right now; retry later"
+    )
+    assert "ce-type" not in r.headers
+    assert client.get("/jobs/j-s3-down").status_code == 404
+
+
+def test_model_store_refusing_is_400_naming_model_and_store(
+    make_app, env, dataset, faulty_s3_store
+):
+    store = faulty_s3_store(403, "AccessDenied")
+    client = make_app(env, KFP_TRAINER_MODEL_STORE=store).test_client()
+    headers, body = binary(JOB, request_data("j-s3-no", dataset))
+    r = _post(client, headers, body)
+    assert r.status_code == 400, r.json
+    message = r.json["message"]
+    assert message.startswith(
+        f"model_artifact: not given and not resolvable: cannot look up model 'llama3.2-tiny' "
+        f"in model store {store!r}: "
+    )
+    assert "403" in message
+    assert client.get("/jobs/j-s3-no").status_code == 404
+
+
 def test_unsupported_training_is_named(client, dataset):
     data = request_data("j", dataset)
     data["algorithm_config"]["quantize_base"] = True

@@ -21,7 +21,9 @@ from pipelines.result import RunResult
 from pipelines.settings import PipelineSettings, SettingsError
 from pipelines.staging import StagingError, archive_kind, resolve_model_uri, stage_model
 from pipelines.validation import check_request
+from tests.pipelines import s3_faults
 from tests.pipelines.pipeline_helpers import make_request, write_rows
+from tests.pipelines.s3_faults import FaultyS3
 
 # ---------------------------------------------------------------- settings
 
@@ -443,6 +445,73 @@ def test_resolve_model_uri_in_an_s3_store(bucket: str, model_archives: dict) -> 
     )
     with pytest.raises(StagingError, match=r"not found in model store 's3://"):
         resolve_model_uri("Llama3.2-3B-Instruct", f"s3://{bucket}/store")
+
+
+# S3 answers that mean "not now": the same call may work later.
+TRANSIENT_S3 = [(503, "SlowDown"), (500, "InternalError"), (503, "ServiceUnavailable")]
+
+
+@pytest.mark.parametrize(("status", "code"), TRANSIENT_S3, ids=[c for _, c in TRANSIENT_S3])
+def test_s3_not_now_answers_are_storage_unavailable(tmp_path: Path, status: int, code: str) -> None:
+    with FaultyS3(status, code) as s3:
+        client = s3_faults.client(s3.url)
+        calls = {
+            "exists": lambda: storage.exists("s3://b/models/m", client),
+            "fetch": lambda: storage.fetch("s3://b/models/m.tar", tmp_path / "dl", client),
+            "get_bytes": lambda: storage.get_bytes("s3://b/x.json", client),
+            "put_bytes": lambda: storage.put_bytes(b"{}", "s3://b/x.json", client),
+            "publish": lambda: storage.publish(tmp_path, "s3://b/up", client),
+            "fingerprint": lambda: storage.fingerprint("s3://b/models/m", client),
+        }
+        (tmp_path / "f.txt").write_text("x")
+        for name, call in calls.items():
+            with pytest.raises(storage.StorageUnavailable, match=r"s3://b/.*retry later") as err:
+                call()
+            assert isinstance(err.value, ConnectionError), name  # callers can tell, no import
+            assert isinstance(err.value, storage.StorageError), name
+        assert s3.requests >= len(calls)
+    assert list((tmp_path / "dl").iterdir()) == []  # no partial download left behind
+
+
+def test_unreachable_s3_is_storage_unavailable(tmp_path: Path) -> None:
+    client = s3_faults.client(s3_faults.closed_port_url())
+    with pytest.raises(storage.StorageUnavailable, match="EndpointConnectionError"):
+        storage.exists("s3://b/models/m", client)
+    with pytest.raises(storage.StorageUnavailable, match=r"s3://b/m\.tar.*retry later"):
+        storage.fetch("s3://b/m.tar", tmp_path, client)
+
+
+@pytest.mark.parametrize(("status", "code"), [(403, "AccessDenied"), (403, "InvalidAccessKeyId")])
+def test_s3_refusals_are_permanent_storage_errors(status: int, code: str) -> None:
+    with FaultyS3(status, code) as s3:
+        client = s3_faults.client(s3.url)
+        with pytest.raises(storage.StorageError) as err:
+            storage.get_bytes("s3://b/x.json", client)
+        assert not isinstance(err.value, storage.StorageUnavailable | ConnectionError)
+        assert f"cannot read 's3://b/x.json': {code}" in str(err.value)
+        assert s3.requests == 1  # not retried: asking again changes nothing
+
+
+def test_resolve_model_uri_tells_not_now_from_no(
+    monkeypatch: pytest.MonkeyPatch, s3_env: dict, bucket: str
+) -> None:
+    """A store that does not answer is transient (StorageUnavailable); a missing bucket is not."""
+    with pytest.raises(
+        StagingError,
+        match=r"cannot look up model 'llama3\.2-tiny' in model store 's3://no-such-bucket-x/m': "
+        r"cannot list .*NoSuchBucket",
+    ):
+        resolve_model_uri("llama3.2-tiny", "s3://no-such-bucket-x/m")
+    with FaultyS3(503, "SlowDown") as s3:
+        monkeypatch.setenv("S3_ENDPOINT_URL", s3.url)
+        with pytest.raises(
+            storage.StorageUnavailable,
+            match=r"cannot look up model 'llama3\.2-tiny' in model store 's3://b/m': .*503",
+        ):
+            resolve_model_uri("llama3.2-tiny", "s3://b/m")
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_faults.closed_port_url())
+    with pytest.raises(ConnectionError, match="retry later"):
+        resolve_model_uri("llama3.2-tiny", "s3://b/m")
 
 
 def test_local_fetch_is_in_place_and_publish_copies(tmp_path: Path) -> None:

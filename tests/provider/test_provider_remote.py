@@ -14,7 +14,7 @@ import json
 import pytest
 
 from provider.config import KfpTrainerConfig, S3Config
-from provider.s3stage import S3MultipartSink, dataset_key, s3_client
+from provider.s3stage import S3MultipartSink, S3Refused, S3Unavailable, dataset_key, s3_client
 from provider.staging import DatasetError, stage_dataset
 from provider.transport import DeliveryFailed, RequestRejected
 from tests.provider.loopback import LoopbackServer, Scripted
@@ -98,6 +98,83 @@ def test_a_small_dataset_is_one_part(s3_endpoint) -> None:
     assert sink.parts_uploaded == 1
     body = client.get_object(Bucket=cfg.bucket, Key="small.jsonl")["Body"].read()
     assert hashlib.sha256(body).hexdigest() == staged.sha256
+
+
+def _stage(sink, rows, page_size=500, datasetio=None):
+    return asyncio.run(
+        stage_dataset(
+            datasetio or RowsDatasetIO(rows),
+            "ds",
+            sink,
+            data_format="instruct",
+            page_size=page_size,
+        )
+    )
+
+
+def test_s3_down_while_staging_is_a_retryable_timeout_naming_the_uri() -> None:
+    from tests.pipelines import s3_faults
+
+    client = s3_faults.client(s3_faults.closed_port_url())
+    sink = S3MultipartSink(client, "datasets", "team/pt/datasets/j/train.jsonl", 5 * MIB)
+    with pytest.raises(S3Unavailable) as err:
+        _stage(sink, _big_rows(3))
+    assert isinstance(err.value, TimeoutError)  # llama-stack: 504 with this message
+    message = str(err.value)
+    assert message.startswith(
+        "S3 did not answer while staging the dataset to "
+        "s3://datasets/team/pt/datasets/j/train.jsonl (EndpointConnectionError"
+    )
+    assert message.endswith("nothing was submitted, retry the request")
+
+
+@pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError")])
+def test_s3_not_now_while_staging_is_a_retryable_timeout(status, code) -> None:
+    from tests.pipelines.s3_faults import FaultyS3, client
+
+    with FaultyS3(status, code) as s3:
+        sink = S3MultipartSink(client(s3.url), "datasets", "k/train.jsonl", 5 * MIB)
+        with pytest.raises(S3Unavailable, match=rf"s3://datasets/k/train\.jsonl \({code}: "):
+            _stage(sink, _big_rows(3))
+
+
+def test_s3_refusing_the_upload_is_a_400_naming_the_bucket(s3_endpoint) -> None:
+    client = s3_client(_s3(s3_endpoint))  # no bucket created
+    sink = S3MultipartSink(client, "datasets", "k/train.jsonl", 5 * MIB)
+    with pytest.raises(S3Refused) as err:
+        _stage(sink, _big_rows(3))
+    assert isinstance(err.value, ValueError) and not isinstance(err.value, TimeoutError)
+    assert "S3 refused the dataset upload to s3://datasets/k/train.jsonl (NoSuchBucket" in str(
+        err.value
+    )
+    assert "check the provider's s3 settings" in str(err.value)
+
+
+def test_s3_lost_mid_upload_surfaces_that_not_the_failed_abort(s3_endpoint, caplog) -> None:
+    """S3 goes away after the first part: the upload error surfaces, the abort is best effort."""
+    from tests.pipelines import s3_faults
+
+    cfg = _s3(s3_endpoint)
+    client = s3_client(cfg)
+    client.create_bucket(Bucket=cfg.bucket)
+    sink = S3MultipartSink(client, cfg.bucket, "k/train.jsonl", 5 * MIB)
+    gone = s3_faults.client(s3_faults.closed_port_url())
+
+    class S3GoesAway(RowsDatasetIO):
+        async def iterrows(self, dataset_id, start_index=None, limit=None):
+            if sink.parts_uploaded:
+                sink._client = gone  # the endpoint stops answering from here on
+            return await super().iterrows(dataset_id, start_index, limit)
+
+    rows = _big_rows(12_000)
+    with (
+        caplog.at_level("WARNING", logger="provider.s3stage"),
+        pytest.raises(S3Unavailable, match=r"s3://datasets/k/train\.jsonl"),
+    ):
+        _stage(sink, rows, datasetio=S3GoesAway(rows))
+    assert sink.parts_uploaded == 1
+    assert "could not abort the dataset upload" in caplog.text
+    assert client.list_objects_v2(Bucket=cfg.bucket).get("KeyCount") == 0  # nothing visible
 
 
 # -- broker delivery ---------------------------------------------------------------------------

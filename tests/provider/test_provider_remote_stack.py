@@ -230,3 +230,51 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
         assert server.healthy()
     finally:
         server.stop()
+
+
+def test_s3_down_while_staging_is_a_504_naming_s3_and_leaves_no_job(tmp_path) -> None:
+    """The user sees why (S3 did not answer) and that retrying is right; nothing is submitted."""
+    from llama_stack_client import APIStatusError
+
+    from provider.client import connect
+    from tests.pipelines.s3_faults import closed_port_url
+
+    with LoopbackServer([Scripted(202)]) as broker:
+        server = StackServer(
+            {
+                "KFP_TRAINER_MODE": "remote",
+                "KFP_TRAINER_STATE_DIR": str(tmp_path / "state"),
+                "KFP_TRAINER_BROKER_URL": broker.url,
+                "KFP_TRAINER_HANDLER_URL": broker.url,
+                "S3_ENDPOINT_URL": closed_port_url(),
+                "S3_BUCKET": "ptrain",
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            },
+            tmp_path,
+        )
+        server.start()
+        try:
+            client = connect(server.url, timeout=60).with_options(max_retries=0)
+            client.datasets.register(
+                purpose="post-training/messages",
+                source={"type": "uri", "uri": str(_csv(tmp_path / "train.csv", 5))},
+                dataset_id="train",
+            )
+            with pytest.raises(APIStatusError) as err:
+                client.post_training.supervised_fine_tune(
+                    job_uuid="s3-down-1",
+                    model="llama3.2-tiny",
+                    training_config=_training("train"),
+                    algorithm_config=_lora(),
+                    hyperparam_search_config={},
+                    logger_config={},
+                )
+            assert err.value.status_code == 504
+            assert "S3 did not answer while staging the dataset to s3://ptrain/" in str(err.value)
+            assert "retry the request" in str(err.value)
+            assert broker.received == []  # no event went out
+            assert client.post_training.job.list() == []
+        finally:
+            server.stop()
