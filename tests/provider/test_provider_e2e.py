@@ -248,10 +248,12 @@ def cancelled(stack) -> dict:
         dataset_id="inline-train",
     )
     t0 = time.monotonic()
+    # Far more steps than the test waits for (15 per epoch): only the cancel can end this job,
+    # however fast the machine trains.
     client.post_training.supervised_fine_tune(
         job_uuid="job-b",
         model="llama3.2-tiny",
-        training_config=_training("inline-train", steps=400, epochs=5),
+        training_config=_training("inline-train", steps=400, epochs=1000),
         algorithm_config=_lora(),
         hyperparam_search_config={},
         logger_config={},
