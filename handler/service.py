@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -52,6 +53,8 @@ CANCEL_RESEND_S: Final = 5.0
 READY_CACHE_S: Final = 1.0
 _EXTENSION_NAME: Final = re.compile(r"^[a-z0-9]{1,20}$")
 _PROGRESS_KEYS: Final = {"step": int, "total_steps": int, "epoch": int, "loss": (int, float)}
+# The digest of a job re-adopted from the backend: its request content is not known here.
+ADOPTED_DIGEST: Final = ""
 
 
 def now_iso() -> str:
@@ -312,7 +315,7 @@ class HandlerService:
         return ready
 
     def _redelivered(self, job: Job, digest: str) -> Reply:
-        if job.digest != digest:
+        if job.digest != digest and job.digest != ADOPTED_DIGEST:
             raise BadRequest(
                 f"job_uuid {job.job_uuid!r} was already requested with different content; "
                 "a changed request needs a new job_uuid"
@@ -327,9 +330,9 @@ class HandlerService:
         return event_reply(contract.event_from_dict(stored))
 
     def _cancel(self, job_uuid: str) -> Reply:
-        job = self.store.job(job_uuid)
+        job = self.store.job(job_uuid) or self._adopt(job_uuid)
         if job is None:
-            raise BadRequest(f"unknown job {job_uuid!r}: nothing to cancel")
+            raise self._unknown(job_uuid, "nothing to cancel")
         if job.state in ("completed", "failed"):
             raise BadRequest(f"job {job_uuid!r} already {job.state}: nothing to cancel")
         if job.state == "cancelled":
@@ -368,18 +371,87 @@ class HandlerService:
     def _run_finished(self, job_uuid: str) -> Reply:
         job = self.store.job(job_uuid)
         if job is None:
-            raise BadRequest(f"unknown job {job_uuid!r}: no run to reconcile")
-        if not job.terminal and job.state == RUNNING:
+            job = self._adopt(job_uuid)  # applies what the backend says
+            if job is None:
+                raise self._unknown(job_uuid, "no run to reconcile")
+        elif not job.terminal and job.state == RUNNING:
             job = self._apply(job, self.backend.status(job_uuid, job.run_id)) or job
         return json_reply(202, {"job_uuid": job_uuid, "status": job.status.value})
 
     def _ping(self) -> Reply:
         self._adopt_orphans()
+        adopted = self._adopt_active_runs()
         count = 0
         for job in self.store.jobs((RUNNING,)):
-            self._apply(job, self.backend.status(job.job_uuid, job.run_id))
+            if job.job_uuid not in (adopted or ()):  # adopted ones were just read
+                self._apply(job, self.backend.status(job.job_uuid, job.run_id))
             count += 1
-        return json_reply(202, {"reconciled": count})
+        body: dict[str, Any] = {"reconciled": count}
+        if adopted is not None:
+            body["adopted"] = len(adopted)
+        return json_reply(202, body)
+
+    # -- re-adopting jobs the store lost (backends that are a system of record) -----------------
+
+    def _unknown(self, job_uuid: str, what: str) -> BadRequest:
+        if getattr(self.backend, "describes_jobs", False):
+            return BadRequest(
+                f"unknown job {job_uuid!r}: neither the job store nor the {self.backend.name} "
+                f"backend has it; {what}"
+            )
+        return BadRequest(f"unknown job {job_uuid!r}: {what}")
+
+    def _adopt(self, job_uuid: str) -> Job | None:
+        """Take over a job the store does not know but the backend runs (or ran).
+
+        In remote mode KFP (plus the result manifest) is the system of record and the store is
+        container-local, so a restart or another replica loses jobs that still run. Their record
+        is made from what the backend says (run id, times; the request content is not known),
+        then that state is applied: a run that ended emits its terminal event now, once (the
+        event id is deterministic and the store keeps it). None: the backend has no such run,
+        or it is not a system of record.
+        """
+        if not getattr(self.backend, "describes_jobs", False):
+            return None
+        state = self.backend.status(job_uuid, None)
+        if state.run_id is None:
+            return None
+        scheduled = _iso(state.scheduled_at) or _iso(state.started_at) or now_iso()
+        queued = new_job(
+            job_uuid=job_uuid,
+            digest=ADOPTED_DIGEST,
+            request={"job_uuid": job_uuid},
+            scheduled_at=scheduled,
+        )
+        running = replace(
+            queued,
+            state=RUNNING,
+            run_id=state.run_id,
+            owner=self.owner,
+            started_at=_iso(state.started_at) or scheduled,
+        )
+        job, created = self.store.insert_adopted(
+            running, self._event(contract.JOB_SCHEDULED, queued)
+        )
+        if created:
+            log.info(
+                "adopted job from the backend",
+                extra={"job_uuid": job_uuid, "run_id": state.run_id, "status": state.status.value},
+            )
+        if not job.terminal:
+            self._apply(job, state)
+        return self.store.job(job_uuid) or job
+
+    def _adopt_active_runs(self) -> set[str] | None:
+        """Adopt the backend's unfinished runs the store lacks (None: it cannot list them)."""
+        list_active = getattr(self.backend, "list_active", None)
+        if list_active is None or not getattr(self.backend, "describes_jobs", False):
+            return None
+        adopted: set[str] = set()
+        for job_uuid in list_active():
+            if self.store.job(job_uuid) is None and self._adopt(job_uuid) is not None:
+                adopted.add(job_uuid)
+        return adopted
 
     # -- applying what the backend says ------------------------------------------------------
 

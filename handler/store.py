@@ -420,6 +420,38 @@ class JobStore:
             self._add_event(conn, event, reply=True)
             return replace(job, seq=cur.lastrowid or 0), True
 
+    def insert_adopted(self, job: Job, event: BaseCloudEvent) -> tuple[Job, bool]:
+        """Record a job this store lost but the backend still has (remote: a KFP run found by
+        its display name), as ``job`` says: state, run id, owner and timestamps, never queued.
+
+        ``event`` is the job's job.scheduled, rebuilt, so a redelivered request can be answered;
+        it is born sink-delivered like a reply (the job's first life announced it).
+
+        :return: (the stored job, whether it was created now); an existing row wins.
+        """
+        with self._tx() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
+            if row is not None:
+                return _job(row), False
+            conn.execute(
+                "INSERT INTO jobs (job_uuid, digest, request, state, run_id, owner, scheduled_at,"
+                " started_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.job_uuid,
+                    job.digest,
+                    _dumps(job.request),
+                    job.state,
+                    job.run_id,
+                    job.owner,
+                    job.scheduled_at,
+                    job.started_at,
+                    time.time(),
+                ),
+            )
+            self._add_event(conn, event, reply=True)
+            row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
+            return _job(row), True
+
     def job(self, job_uuid: str) -> Job | None:
         rows = self._read("SELECT * FROM jobs WHERE job_uuid = ?", (job_uuid,))
         return _job(rows[0]) if rows else None

@@ -27,6 +27,9 @@ class RunState:
 
     status: JobStatus
     run_id: str | None = None
+    # When the backend accepted the run (KFP: created_at); a job re-adopted from the backend
+    # after the store lost it is scheduled then.
+    scheduled_at: datetime | None = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
     progress: dict[str, Any] | None = None  # step, total_steps, epoch, loss
@@ -61,7 +64,14 @@ class Backend(Protocol):
     when a ``run.finished`` notice or a ``dev.knative.sources.ping`` tick arrives.
     ``describes_jobs: bool`` [False]: the backend is a system of record, so GET /jobs/<id>
     refreshes an active job from ``status()`` and answers from ``status(job_uuid, None)`` for a
-    job this replica's store does not know (``run_id`` None there means "no such job").
+    job this replica's store does not know (``run_id`` None there means "no such job"). Such a
+    backend also lets the service *re-adopt* a job its store lost (a Knative Service's store is
+    container-local): a ``run.finished`` notice or a cancel request naming a job the store does
+    not know creates its record from ``status(job_uuid, None)`` and carries on as usual.
+    ``list_active() -> list[str]`` [absent]: the job_uuids of runs this deployment started that
+    have not ended (remote: the configured experiment's PENDING/RUNNING/PAUSED runs); a
+    ``dev.knative.sources.ping`` tick re-adopts those the store does not know, so their end is
+    still announced. Only meaningful with ``describes_jobs``.
     ``default_model_store() -> str`` [absent]: where model names resolve when
     KFP_TRAINER_MODEL_STORE is empty.
 

@@ -10,6 +10,8 @@ the exit handler's ``run.finished`` notice arrives while KFP still shows the run
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import tempfile
 import threading
 from datetime import datetime
@@ -31,6 +33,9 @@ log = logs.get("handler.remote.backend")
 
 READY_TIMEOUT_S: Final = 3.0
 _EPOCH: Final = "1970-01-01"
+# KFP states whose job has not ended (job_status maps them to scheduled or in_progress).
+ACTIVE_STATES: Final = ("PENDING", "RUNTIME_STATE_UNSPECIFIED", "RUNNING", "PAUSED")
+_JOB_UUID: Final = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 def job_status(state: str | None) -> JobStatus:
@@ -232,6 +237,22 @@ class RemoteBackend:
                 self.kfp.terminate_run(run_id)
         return keep
 
+    def list_active(self) -> list[str]:
+        """The job_uuids of the experiment's runs that have not ended (PING re-adopts those the
+        store lost). Only runs this deployment made count: display name = job_uuid parameter."""
+        try:
+            runs = self.kfp.runs_in_states(self._experiment_id(), ACTIVE_STATES)
+        except KfpNotFound:  # the experiment was deleted: nothing of ours runs there
+            self.kfp.forget_experiments()
+            return []
+        found: list[str] = []
+        for run in runs:
+            name = run.display_name or ""
+            params = getattr(run.runtime_config, "parameters", None) or {}
+            if _JOB_UUID.match(name) and params.get("job_uuid") == name and name not in found:
+                found.append(name)
+        return found
+
     def status(self, job_uuid: str, run_id: str | None) -> RunState:
         if run_id is None:
             found = self._find(job_uuid)
@@ -246,6 +267,10 @@ class RemoteBackend:
                 run_id=run_id,
                 error=f"KFP run {run_id} no longer exists (deleted?)",
             )
+        return dataclasses.replace(self._state(job_uuid, run), scheduled_at=_time(run.created_at))
+
+    def _state(self, job_uuid: str, run: Any) -> RunState:
+        run_id = run.run_id
         status = job_status(run.state)
         started = _started_at(run)
         if status in (JobStatus.scheduled, JobStatus.cancelled):

@@ -242,6 +242,52 @@ class KfpClient:
         runs.sort(key=lambda r: (str(r.created_at or ""), r.run_id or ""))
         return runs
 
+    def runs_in_states(
+        self,
+        experiment_id: str,
+        states: tuple[str, ...],
+        *,
+        page_size: int = 100,
+        max_pages: int = 50,
+    ) -> list[Any]:
+        """The experiment's runs whose state is one of ``states``, oldest first (paged).
+
+        Bounded: at most ``max_pages`` pages; more is logged, not fetched.
+        """
+        flt = json.dumps(
+            {
+                "predicates": [
+                    {"operation": "IN", "key": "state", "stringValues": {"values": list(states)}}
+                ]
+            }
+        )
+        runs: list[Any] = []
+        token = ""
+        for _ in range(max_pages):
+            kwargs: dict[str, Any] = {"page_token": token} if token else {}
+            reply = self.call(
+                f"list runs in states {','.join(states)}",
+                lambda a, kwargs=kwargs: a.runs.run_service_list_runs(
+                    experiment_id=experiment_id,
+                    filter=flt,
+                    page_size=page_size,
+                    sort_by="created_at",
+                    _request_timeout=self._timeout_s,
+                    **kwargs,
+                ),
+            )
+            runs.extend(reply.runs or [])
+            token = reply.next_page_token or ""
+            if not token:
+                break
+        else:
+            log.warning(
+                "more runs than one listing reads; the newest were not read",
+                extra={"experiment_id": experiment_id, "read": len(runs)},
+            )
+        runs.sort(key=lambda r: (str(r.created_at or ""), r.run_id or ""))
+        return runs
+
     def create_run(
         self,
         experiment_id: str,

@@ -58,3 +58,36 @@ class DescribingBackend(NoopBackend):
 
     def default_model_store(self) -> str:
         return str(self.settings.state_dir.parent / "default-models")
+
+
+class RecordBackend(NoopBackend):
+    """A system of record kept in memory (like KFP in remote mode): the test sets each run's
+    state in ``runs``; ``list_active`` lists the unfinished ones, as the remote backend does."""
+
+    name = "record"
+    describes_jobs = True
+    poll_interval_s = None
+
+    def __init__(self, settings: HandlerSettings, store: JobStore) -> None:
+        super().__init__(settings, store)
+        self.runs: dict[str, RunState] = {}
+        self.submitted: list[str] = []
+        self.cancelled: list[str] = []
+
+    def submit(self, request: dict) -> str:
+        job_uuid = request["job_uuid"]
+        self.submitted.append(job_uuid)
+        self.runs.setdefault(job_uuid, RunState(JobStatus.in_progress, f"run-{job_uuid}"))
+        return self.runs[job_uuid].run_id or ""
+
+    def status(self, job_uuid: str, run_id: str | None) -> RunState:
+        return self.runs.get(job_uuid, RunState(JobStatus.scheduled))
+
+    def cancel(self, job_uuid: str, run_id: str | None) -> None:
+        self.cancelled.append(job_uuid)
+        run = self.runs.get(job_uuid)
+        if run is not None and not run.status.terminal:
+            self.runs[job_uuid] = RunState(JobStatus.cancelled, run.run_id)
+
+    def list_active(self) -> list[str]:
+        return [job for job, run in self.runs.items() if not run.status.terminal]

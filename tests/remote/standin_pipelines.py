@@ -52,6 +52,13 @@ def exit_pipeline(final_out: str, seconds: float = 0.0, fail: bool = False):
         body.set_caching_options(False)
 
 
+@dsl.pipeline(name="standin-job")
+def job_pipeline(job_uuid: str, seconds: float = 0.0):
+    """Shaped like the project's pipeline where it matters to listing: a job_uuid parameter."""
+    body = sleep_then_fail(seconds=seconds, fail=False)
+    body.set_caching_options(False)
+
+
 def compile_to(pipeline, path: Path) -> Path:
     compiler.Compiler().compile(pipeline, str(path))
     return path

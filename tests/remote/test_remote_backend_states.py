@@ -155,6 +155,45 @@ def test_unknown_job_is_scheduled_and_deleted_run_is_failed(backend):
     backend.cancel("never-submitted", None)  # nothing to cancel: no error
 
 
+def start_job_run(backend: RemoteBackend, tmp_path: Path, name: str, **arguments) -> str:
+    """A run named ``name`` of a pipeline with a job_uuid parameter (``name`` unless given)."""
+    package = tmp_path / "job.yaml"
+    if not package.exists():
+        sp.compile_to(sp.job_pipeline, package)
+    spec = yaml.safe_load(package.read_text())
+    params = {"job_uuid": name, **arguments}
+    return backend.kfp.create_run(backend._experiment_id(), name, spec, params).run_id
+
+
+def test_list_active_names_this_deployments_unfinished_runs(backend, standin, tmp_path):
+    mine = {
+        f"job-l{i}": start_job_run(backend, tmp_path, f"job-l{i}", seconds=60.0) for i in (1, 2)
+    }
+    others = [
+        start_run(backend, tmp_path, "job-foreign", seconds=60.0),  # no job_uuid parameter
+        start_job_run(backend, tmp_path, "job-renamed", job_uuid="job-x", seconds=60.0),
+    ]
+    done = start_job_run(backend, tmp_path, "job-done")
+    deadline = time.monotonic() + 120
+    while standin.state.get_run(done)["state"] != "SUCCEEDED":
+        assert time.monotonic() < deadline, standin.state.get_run(done)
+        time.sleep(0.3)
+    try:
+        assert sorted(backend.list_active()) == ["job-l1", "job-l2"]
+        # Paged the way the server pages: one run per page still finds them all.
+        listed = backend.kfp.runs_in_states(
+            backend._experiment_id(), ("PENDING", "RUNNING"), page_size=1
+        )
+        assert sorted(r.run_id for r in listed) == sorted([*mine.values(), *others])
+    finally:
+        for run_id in [*mine.values(), *others]:
+            backend.kfp.terminate_run(run_id)
+    deadline = time.monotonic() + 60
+    while backend.list_active():  # CANCELING and CANCELED runs have ended
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+
+
 def test_ready_follows_kfp_reachability(backend, standin):
     assert backend.ready() is True
     standin.stop()
