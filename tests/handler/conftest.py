@@ -3,8 +3,6 @@ the tiny model in a model store, a dataset, a recording sink."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,8 @@ from flask import Flask
 from handler import EXTENSION, create_app
 from handler.service import HandlerService
 from handler.settings import HandlerSettings
-from tests.handler.helpers import REPO, Sink, write_dataset
+from tests.support.jobs import make_tiny_model, write_dataset
+from tests.support.sink import Sink
 
 FAKE_BACKEND = "tests.handler.backends_for_tests:FakeRunLocalBackend"
 
@@ -24,13 +23,7 @@ FAKE_BACKEND = "tests.handler.backends_for_tests:FakeRunLocalBackend"
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model store holding the project's tiny random-weight model (``kfp-trainer tiny-model``)."""
     store = tmp_path_factory.mktemp("models")
-    subprocess.run(
-        [sys.executable, "-m", "pipelines", "tiny-model", "--out", str(store / "llama3.2-tiny")],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=180,
-    )
+    make_tiny_model(store / "llama3.2-tiny", timeout=180)
     return store
 
 

@@ -11,13 +11,9 @@ from pathlib import Path
 import pytest
 
 from handler import EXTENSION, contract
-from tests.handler.helpers import (
-    binary,
-    cancel_message,
-    request_data,
-    requested_message,
-    wait_for,
-)
+from tests.handler.helpers import binary, cancel_message, request_data, requested_message
+from tests.support.loopback import wait_for
+from tests.support.s3 import FaultyS3, set_credentials
 
 # -- the factory -----------------------------------------------------------------------------
 
@@ -225,25 +221,18 @@ def test_unresolvable_model_names_model_and_store(client, dataset, model_store):
 @pytest.fixture
 def faulty_s3_store(monkeypatch):
     """A model store in S3 whose endpoint answers every request with the given error."""
-    from tests.pipelines.s3_faults import FaultyS3
-
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(key, value)
+    set_credentials(monkeypatch, "testing", "testing")
     servers = []
 
     def start(status: int, code: str) -> str:
-        server = FaultyS3(status, code).__enter__()
+        server = FaultyS3(status, code).start()
         servers.append(server)
         monkeypatch.setenv("S3_ENDPOINT_URL", server.url)
         return "s3://models-bucket/store"
 
     yield start
     for server in servers:
-        server.__exit__(None, None, None)
+        server.close()
 
 
 @pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError")])

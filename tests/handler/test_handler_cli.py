@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import requests
 
-from tests.handler.helpers import REPO, Gunicorn, request_data, wait_for
+from tests.handler.helpers import request_data
+from tests.support import REPO
+from tests.support.gunicorn import Gunicorn
+from tests.support.loopback import free_port, wait_for
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -87,9 +89,7 @@ def test_gunicorn_config_reads_port_workers_and_threads_from_env():
 
 
 def test_serve_runs_gunicorn_and_stops_on_sigterm(env, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "handler.cli", "serve", "--bind", f"127.0.0.1:{port}"],

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from handler import contract
-from tests.handler.helpers import REPO
+from tests.support import REPO
 
 DOC = (REPO / "docs" / "events.md").read_text()
 

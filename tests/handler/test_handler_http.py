@@ -16,7 +16,11 @@ import pytest
 from handler import contract
 from handler.store import JobStore
 from tests.handler.conftest import FAKE_BACKEND
-from tests.handler.helpers import Gunicorn, Sink, curl, request_data, wait_for
+from tests.handler.helpers import request_data
+from tests.support.gunicorn import Gunicorn
+from tests.support.http_client import ce_headers, curl, header_args
+from tests.support.loopback import wait_for
+from tests.support.sink import Sink
 
 JOB = contract.JOB_REQUESTED
 
@@ -46,7 +50,7 @@ def server(tmp_path_factory, model_store) -> Iterator[tuple[Gunicorn, Sink, Path
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    from tests.handler.helpers import write_dataset
+    from tests.support.jobs import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("data") / "train.jsonl")
 
@@ -56,17 +60,10 @@ def fake(job_uuid: str, dataset: Path, **cfg: Any) -> dict[str, Any]:
 
 
 def post_binary(url: str, data: Any, event_type: str = JOB, **headers: str):
-    hdrs = {
-        "ce-specversion": "1.0",
-        "ce-id": f"curl-{data.get('job_uuid', 'x') if isinstance(data, dict) else 'x'}",
-        "ce-source": "/curl",
-        "ce-type": event_type,
-        "Content-Type": "application/json",
-        **headers,
-    }
-    args = [a for k, v in hdrs.items() for a in ("-H", f"{k}: {v}")]
+    event_id = f"curl-{data.get('job_uuid', 'x') if isinstance(data, dict) else 'x'}"
+    hdrs = {**ce_headers(event_type, event_id, source="/curl"), **headers}
     body = data if isinstance(data, str) else json.dumps(data)
-    return curl("-X", "POST", url + "/", *args, "--data-binary", body)
+    return curl("-X", "POST", url + "/", *header_args(hdrs), "--data-binary", body)
 
 
 def job_status(url: str, job_uuid: str) -> dict[str, Any] | None:

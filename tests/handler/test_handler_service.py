@@ -20,7 +20,8 @@ from handler import contract, procs
 from handler.service import HandlerService, create_service
 from handler.settings import HandlerSettings
 from tests.handler.conftest import FAKE_BACKEND
-from tests.handler.helpers import cancel_message, request_data, requested_message, wait_for
+from tests.handler.helpers import cancel_message, request_data, requested_message
+from tests.support.loopback import wait_for
 
 
 class Recorder:

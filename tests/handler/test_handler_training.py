@@ -12,7 +12,12 @@ import pytest
 
 from handler import contract, procs
 from handler.store import QUEUED, JobStore
-from tests.handler.helpers import Gunicorn, Sink, curl, request_data, wait_for, write_dataset
+from tests.handler.helpers import request_data
+from tests.support.gunicorn import Gunicorn
+from tests.support.http_client import curl
+from tests.support.jobs import write_dataset
+from tests.support.loopback import wait_for
+from tests.support.sink import Sink
 
 JOB = contract.JOB_REQUESTED
 

@@ -12,24 +12,13 @@ import boto3
 
 from handler.remote import s3
 from handler.settings import RemoteSettings
-from tests.handler.helpers import request_data, write_dataset
 from tests.kfp_standin import KfpStandin
 from tests.remote.conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
+from tests.support import REPO
+from tests.support.jobs import job_request, write_dataset
 
-REPO = Path(__file__).resolve().parents[2]
 PREFIX = "pt"
 S3_SECRET = "kfp-trainer-s3"
-
-
-def make_tiny_model(out: Path) -> Path:
-    subprocess.run(
-        [sys.executable, "-m", "pipelines", "tiny-model", "--out", str(out)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return out
 
 
 def upload_tiny_model(model_dir: Path, remote: RemoteSettings) -> str:
@@ -73,8 +62,7 @@ def upload_dataset(remote: RemoteSettings, job_uuid: str, tmp: Path, rows: int =
 def remote_request(
     remote: RemoteSettings, job_uuid: str, tmp: Path, model_uri: str | None = None
 ) -> dict[str, Any]:
-    data = request_data(job_uuid, Path("unused"))
-    data["dataset"] = {"uri": upload_dataset(remote, job_uuid, tmp), "format": "jsonl"}
+    data = job_request(job_uuid, upload_dataset(remote, job_uuid, tmp))
     if model_uri:
         data["model_artifact"] = {"uri": model_uri}
     return data

@@ -16,10 +16,12 @@ import pytest
 from handler import contract
 from handler.remote import s3
 from handler.settings import RemoteSettings
-from tests.handler.helpers import Sink, wait_for
 from tests.remote import fixtures as fx
 from tests.remote.conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 from tests.remote.remote_world import RemoteHandler
+from tests.support.jobs import make_tiny_model
+from tests.support.loopback import wait_for
+from tests.support.sink import Sink
 
 TOKENS = ("e2e-token-first-0001", "e2e-token-second-0002", "e2e-token-third-0003")
 RUN_TIMEOUT_S = 600
@@ -85,7 +87,7 @@ def world(tmp_path_factory, moto_url):
     bucket = "remote-e2e"
     boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket=bucket)
     remote = RemoteSettings(s3_endpoint_url=moto_url, s3_bucket=bucket, s3_prefix=fx.PREFIX)
-    fx.upload_tiny_model(fx.make_tiny_model(tmp / "llama3.2-tiny"), remote)
+    fx.upload_tiny_model(make_tiny_model(tmp / "llama3.2-tiny"), remote)
     token_file = tmp / "sa-token"
     token_file.write_text(TOKENS[0])
     world = World(tmp, remote, token_file)
@@ -234,7 +236,7 @@ def test_401_rebuilds_with_fresh_token_and_a_wrong_one_is_a_clear_503(world):
     assert status == 503, body
     problems = [
         r
-        for r in world.handler.log_records()
+        for r in world.handler.log_lines()
         if "rejected the token from service-account token file" in json.dumps(r)
     ]
     assert problems, world.handler.log_text()[-3000:]

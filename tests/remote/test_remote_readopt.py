@@ -20,10 +20,12 @@ import pytest
 
 from handler import contract
 from handler.settings import RemoteSettings
-from tests.handler.helpers import Sink, wait_for
 from tests.remote import fixtures as fx
 from tests.remote.conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 from tests.remote.remote_world import RemoteHandler
+from tests.support.jobs import make_tiny_model
+from tests.support.loopback import wait_for
+from tests.support.sink import Sink
 
 TOKEN = "readopt-token-0001"
 RUN_TIMEOUT_S = 600
@@ -61,7 +63,7 @@ class World:
         return self.handler
 
     def get(self, path: str) -> tuple[int, dict]:
-        from tests.handler.helpers import curl
+        from tests.support.http_client import curl
 
         status, _, body = curl(self.handler.url + path)
         return status, json.loads(body)
@@ -134,7 +136,7 @@ def world(tmp_path_factory, moto_url):
     bucket = "remote-readopt"
     boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket=bucket)
     remote = RemoteSettings(s3_endpoint_url=moto_url, s3_bucket=bucket, s3_prefix=fx.PREFIX)
-    fx.upload_tiny_model(fx.make_tiny_model(tmp / "llama3.2-tiny"), remote)
+    fx.upload_tiny_model(make_tiny_model(tmp / "llama3.2-tiny"), remote)
     token_file = tmp / "sa-token"
     token_file.write_text(TOKEN)
     env = {

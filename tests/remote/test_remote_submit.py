@@ -15,16 +15,18 @@ from handler.remote import s3
 from handler.remote.backend import RemoteBackend
 from handler.settings import HandlerSettings, RemoteSettings
 from pipelines.settings import PipelineSettings
-from tests.handler.helpers import Sink, wait_for
 from tests.remote import fixtures as fx
 from tests.remote.conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
+from tests.support.jobs import make_tiny_model
+from tests.support.loopback import wait_for
+from tests.support.sink import Sink
 
 TOKEN = "submit-token-0001"
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    return fx.make_tiny_model(tmp_path_factory.mktemp("model") / "llama3.2-tiny")
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "llama3.2-tiny")
 
 
 @pytest.fixture
