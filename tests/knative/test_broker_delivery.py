@@ -21,106 +21,60 @@ import requests
 
 from handler import contract
 from tests.knative import manifests as m
-from tests.knative.loopback import (
-    EventSink,
-    HandlerPod,
-    raw_request,
-    read_response,
-    wait_for,
-)
+from tests.knative.loopback import HandlerPod, raw_request, read_response
+from tests.support.http_client import ce_headers
+from tests.support.jobs import job_request
+from tests.support.loopback import free_port, wait_for
+from tests.support.sink import Sink
 
 EXTENSION = "kfpdeployment"  # what a SinkBinding's ceOverrides would add
 RETRIED_BY_KNATIVE = {404, 408, 409, 429}
 TIMEOUT = 30.0
 
 
-def closed_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-def overrides(sink: EventSink) -> dict[str, str]:
+def overrides(sink: Sink) -> dict[str, str]:
     """What differs from knative/'s environment on loopback, and nothing more."""
     return {
         "KFP_TRAINER_BACKEND": "noop",  # no KFP server here; runs complete at once
         "K_SINK": sink.url,
         "K_CE_OVERRIDES": json.dumps({"extensions": {EXTENSION: "loopback"}}),
         # The model store's S3 endpoint: nothing listens there (the transient-failure case).
-        "S3_ENDPOINT_URL": f"http://127.0.0.1:{closed_port()}",
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
         "AWS_MAX_ATTEMPTS": "1",
     }
 
 
 @pytest.fixture(scope="module")
-def sink() -> Iterator[EventSink]:
-    sink = EventSink()
-    yield sink
-    sink.close()
+def sink() -> Iterator[Sink]:
+    with Sink() as sink:
+        yield sink
 
 
 @pytest.fixture(scope="module")
-def pod(tmp_path_factory: pytest.TempPathFactory, sink: EventSink) -> Iterator[HandlerPod]:
+def pod(tmp_path_factory: pytest.TempPathFactory, sink: Sink) -> Iterator[HandlerPod]:
     pod = HandlerPod(tmp_path_factory.mktemp("pod"), overrides(sink))
     try:
         pod.wait_ready()
         yield pod
     finally:
-        pod.close()
+        pod.stop()
 
 
 def request_data(job_uuid: str, **changes: Any) -> dict[str, Any]:
     """A job.requested payload as the provider sends it in remote mode (everything in S3)."""
     bucket = m.config_map_data()["S3_BUCKET"]
     base = f"s3://{bucket}/{m.config_map_data()['S3_PREFIX']}"
-    data: dict[str, Any] = {
-        "job_uuid": job_uuid,
-        "model": "llama3.2-tiny",
-        "training_config": {
-            "n_epochs": 1,
-            "max_steps_per_epoch": 2,
-            "gradient_accumulation_steps": 1,
-            "data_config": {
-                "dataset_id": "ds",
-                "batch_size": 2,
-                "shuffle": False,
-                "data_format": "instruct",
-            },
-            "optimizer_config": {
-                "optimizer_type": "adamw",
-                "lr": 1e-3,
-                "weight_decay": 0.0,
-                "num_warmup_steps": 0,
-            },
-            "dtype": "fp32",
-        },
-        "algorithm_config": {
-            "type": "LoRA",
-            "lora_attn_modules": ["q_proj", "v_proj"],
-            "apply_lora_to_mlp": False,
-            "apply_lora_to_output": False,
-            "rank": 4,
-            "alpha": 8,
-        },
-        "hyperparam_search_config": {},
-        "logger_config": {},
-        "dataset": {"uri": f"{base}/datasets/{job_uuid}/train.jsonl", "format": "jsonl"},
-        "model_artifact": {"uri": f"{base}/models/llama3.2-tiny.tar"},
-    }
-    data.update(changes)
-    return data
+    return job_request(
+        job_uuid,
+        f"{base}/datasets/{job_uuid}/train.jsonl",
+        **{"model_artifact": {"uri": f"{base}/models/llama3.2-tiny.tar"}, **changes},
+    )
 
 
 def broker_headers(event_type: str, event_id: str, **extra: str) -> dict[str, str]:
     """Binary-mode headers as Knative's broker filter delivers an event to a subscriber."""
     return {
-        "Content-Type": "application/json",
-        "ce-specversion": "1.0",
-        "ce-id": event_id,
-        "ce-source": "/llama-stack/post-training/kfp-torchtune",
-        "ce-type": event_type,
+        **ce_headers(event_type, event_id, source="/llama-stack/post-training/kfp-torchtune"),
         "ce-time": "2026-11-28T22:00:00Z",
         "ce-knativearrivaltime": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
         "traceparent": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01",
@@ -191,7 +145,7 @@ def test_emitted_events_reach_k_sink_and_only_the_completion_trigger_matches_the
     assert deliver(pod, contract.JOB_REQUESTED, request_data(job_uuid)).status_code == 200
 
     def of_job() -> list[tuple[dict[str, str], bytes]]:
-        return [(h, b) for h, b in sink.events() if h.get("ce-subject") == job_uuid]
+        return [(h, b) for h, b in sink.received() if h.get("ce-subject") == job_uuid]
 
     def terminal() -> bool:
         return any(h["ce-type"] in contract.TERMINAL_TYPES for h, _ in of_job())
@@ -245,14 +199,8 @@ def test_run_finished_notice_is_taken_at_the_notify_url_path(pod):
     job_uuid = new_uuid()
     assert deliver(pod, contract.JOB_REQUESTED, request_data(job_uuid)).status_code == 200
     path = requests.utils.urlparse(m.config_map_data()["KFP_TRAINER_NOTIFY_URL"]).path or "/"
-    headers = {
-        "Content-Type": "application/json",
-        "ce-specversion": "1.0",
-        "ce-id": f"{job_uuid}/run.finished",
-        "ce-source": "kfp-pipeline",
-        "ce-type": contract.RUN_FINISHED,
-        "ce-subject": job_uuid,
-    }
+    event_id = f"{job_uuid}/run.finished"
+    headers = ce_headers(contract.RUN_FINISHED, event_id, source="kfp-pipeline", subject=job_uuid)
     body = json.dumps({"job_uuid": job_uuid, "state": "SUCCEEDED", "error": None})
     response = requests.post(f"{pod.url}{path}", data=body, headers=headers, timeout=TIMEOUT)
     assert response.status_code == 202, response.text
@@ -367,10 +315,10 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tmp_path, sink):
         assert response_headers["ce-type"] == contract.JOB_SCHEDULED
         assert response_headers["ce-subject"] == job_uuid
         code = pod.proc.wait(timeout=_graceful_timeout() + 10)
-        assert code == 0, pod.log()
-        assert "handler service stopped" in pod.log()
+        assert code == 0, pod.log_tail()
+        assert "handler service stopped" in pod.log_tail()
     finally:
-        pod.close()
+        pod.stop()
 
 
 def _graceful_timeout() -> int:
