@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.pipelines.pipeline_helpers import make_tar
+from tests.support.s3 import moto_server, set_credentials
 
 
 @pytest.fixture(scope="session")
@@ -33,29 +34,14 @@ def model_archives(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """A moto S3 server (server mode, real HTTP) on a free loopback port."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture
 def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Point boto3 (here and in task subprocesses) at the moto server."""
-    env = {
-        "S3_ENDPOINT_URL": moto_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
+    return set_credentials(monkeypatch, "testing", "testing", S3_ENDPOINT_URL=moto_endpoint)
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
+from tests.support.jobs import lora
+
 RUN_TIMEOUT_S = 300
 
 
@@ -59,14 +61,7 @@ BASE_REQUEST: dict[str, Any] = {
         "efficiency_config": {"enable_activation_checkpointing": False},
         "dtype": "bf16",
     },
-    "algorithm_config": {
-        "type": "LoRA",
-        "lora_attn_modules": ["q_proj", "v_proj"],
-        "apply_lora_to_mlp": False,
-        "apply_lora_to_output": False,
-        "rank": 4,
-        "alpha": 8,
-    },
+    "algorithm_config": lora(),
 }
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,9 @@ from pipelines.result import RunResult
 from pipelines.settings import PipelineSettings, SettingsError
 from pipelines.staging import StagingError, archive_kind, resolve_model_uri, stage_model
 from pipelines.validation import check_request
-from tests.pipelines import s3_faults
 from tests.pipelines.pipeline_helpers import make_request, write_rows
-from tests.pipelines.s3_faults import FaultyS3
+from tests.support.loopback import LoopbackHTTPServer, QuietHandler, closed_port_url
+from tests.support.s3 import FaultyS3, boto_client
 
 # ---------------------------------------------------------------- settings
 
@@ -454,7 +452,7 @@ TRANSIENT_S3 = [(503, "SlowDown"), (500, "InternalError"), (503, "ServiceUnavail
 @pytest.mark.parametrize(("status", "code"), TRANSIENT_S3, ids=[c for _, c in TRANSIENT_S3])
 def test_s3_not_now_answers_are_storage_unavailable(tmp_path: Path, status: int, code: str) -> None:
     with FaultyS3(status, code) as s3:
-        client = s3_faults.client(s3.url)
+        client = boto_client(s3.url)
         calls = {
             "exists": lambda: storage.exists("s3://b/models/m", client),
             "fetch": lambda: storage.fetch("s3://b/models/m.tar", tmp_path / "dl", client),
@@ -474,7 +472,7 @@ def test_s3_not_now_answers_are_storage_unavailable(tmp_path: Path, status: int,
 
 
 def test_unreachable_s3_is_storage_unavailable(tmp_path: Path) -> None:
-    client = s3_faults.client(s3_faults.closed_port_url())
+    client = boto_client(closed_port_url())
     with pytest.raises(storage.StorageUnavailable, match="EndpointConnectionError"):
         storage.exists("s3://b/models/m", client)
     with pytest.raises(storage.StorageUnavailable, match=r"s3://b/m\.tar.*retry later"):
@@ -484,7 +482,7 @@ def test_unreachable_s3_is_storage_unavailable(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("status", "code"), [(403, "AccessDenied"), (403, "InvalidAccessKeyId")])
 def test_s3_refusals_are_permanent_storage_errors(status: int, code: str) -> None:
     with FaultyS3(status, code) as s3:
-        client = s3_faults.client(s3.url)
+        client = boto_client(s3.url)
         with pytest.raises(storage.StorageError) as err:
             storage.get_bytes("s3://b/x.json", client)
         assert not isinstance(err.value, storage.StorageUnavailable | ConnectionError)
@@ -509,7 +507,7 @@ def test_resolve_model_uri_tells_not_now_from_no(
             match=r"cannot look up model 'llama3\.2-tiny' in model store 's3://b/m': .*503",
         ):
             resolve_model_uri("llama3.2-tiny", "s3://b/m")
-    monkeypatch.setenv("S3_ENDPOINT_URL", s3_faults.closed_port_url())
+    monkeypatch.setenv("S3_ENDPOINT_URL", closed_port_url())
     with pytest.raises(ConnectionError, match="retry later"):
         resolve_model_uri("llama3.2-tiny", "s3://b/m")
 
@@ -585,18 +583,15 @@ def test_tiny_model_cli(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- notify
 
 
-class _Receiver(BaseHTTPRequestHandler):
+class _Receiver(QuietHandler):
     got: list = []
     status = 202
 
     def do_POST(self) -> None:  # noqa: N802
-        body = self.rfile.read(int(self.headers["content-length"]))
+        body = self.read_body()
         type(self).got.append((dict(self.headers), json.loads(body)))
         self.send_response(type(self).status)
         self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 @pytest.fixture
@@ -604,14 +599,8 @@ def receiver():
     class Handler(_Receiver):
         got: list = []
 
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/notify", Handler
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
+    with LoopbackHTTPServer(Handler) as server:
+        yield f"{server.url}/notify", Handler
 
 
 def test_notice_is_a_binary_cloudevent(receiver) -> None:

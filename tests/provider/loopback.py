@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.support.loopback import LoopbackHTTPServer, QuietHandler
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Scripted:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class LoopbackServer:
+class LoopbackServer(LoopbackHTTPServer):
     """``with LoopbackServer([...]) as srv: srv.url`` -- replies in order, records requests.
 
     Give ``responder`` instead to compute each reply from the request (e.g. a status route).
@@ -44,10 +45,9 @@ class LoopbackServer:
         self._lock = threading.Lock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
+                body = self.read_body()
                 request = Received(self.command, self.path, dict(self.headers.items()), body)
                 with outer._lock:
                     outer.received.append(request)
@@ -66,22 +66,4 @@ class LoopbackServer:
 
             do_GET = do_POST = _serve
 
-            def log_message(self, *args: object) -> None:
-                return None
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> LoopbackServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
+        super().__init__(Handler)

@@ -11,6 +11,7 @@ import pytest
 
 from provider import cli
 from provider.client import render_bar
+from tests.support.loopback import free_port
 
 KFP_TRAINER = Path(sys.executable).with_name("kfp-trainer")
 
@@ -42,11 +43,7 @@ def test_train_needs_a_dataset(capsys) -> None:
 
 
 def test_train_reports_an_unreachable_server(tmp_path, capsys) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     data = tmp_path / "d.csv"
     data.write_text("chat_completion_input,expected_answer\n")
     assert cli.main(["train", "--url", f"http://127.0.0.1:{port}", "--dataset", str(data)]) == 1

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from provider.launcher import ROOT, StackServer
+from tests.support.jobs import lora, training_config
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -96,39 +97,9 @@ def _wait(client, job_uuid: str, want: set[str], timeout_s: float = 300) -> obje
     raise AssertionError(f"job {job_uuid} not in {want} after {timeout_s}s: {status}")
 
 
-def _lora(**overrides) -> dict:
-    return {
-        "type": "LoRA",
-        "lora_attn_modules": ["q_proj", "v_proj"],
-        "apply_lora_to_mlp": False,
-        "apply_lora_to_output": False,
-        "rank": 4,
-        "alpha": 8,
-        **overrides,
-    }
-
-
 def _training(dataset_id: str, steps: int = 4, epochs: int = 1, **data) -> dict:
-    return {
-        "n_epochs": epochs,
-        "max_steps_per_epoch": steps,
-        "gradient_accumulation_steps": 1,
-        "max_validation_steps": 2,
-        "dtype": "fp32",
-        "data_config": {
-            "dataset_id": dataset_id,
-            "batch_size": 2,
-            "shuffle": False,
-            "data_format": "instruct",
-            **data,
-        },
-        "optimizer_config": {
-            "optimizer_type": "adamw",
-            "lr": 1e-3,
-            "weight_decay": 0.0,
-            "num_warmup_steps": 0,
-        },
-    }
+    config = training_config(dataset_id, epochs=epochs, steps=steps, **data)
+    return {**config, "max_validation_steps": 2}
 
 
 # -- the provider is the external one --------------------------------------------------------
@@ -254,7 +225,7 @@ def cancelled(stack) -> dict:
         job_uuid="job-b",
         model="llama3.2-tiny",
         training_config=_training("inline-train", steps=400, epochs=1000),
-        algorithm_config=_lora(),
+        algorithm_config=lora(),
         hyperparam_search_config={},
         logger_config={},
     )
@@ -300,13 +271,13 @@ def test_cancelled_job_ends_cancelled(cancelled) -> None:
             {"algorithm_config": {"type": "QAT", "quantizer_name": "int8", "group_size": 32}},
             "'QAT' is not supported by remote::kfp-torchtune; only 'LoRA'",
         ),
-        ("LoRA rank 0", {"algorithm_config": _lora(rank=0)}, "algorithm_config.rank"),
+        ("LoRA rank 0", {"algorithm_config": lora(rank=0)}, "algorithm_config.rank"),
         (
             "unknown LoRA module",
-            {"algorithm_config": _lora(lora_attn_modules=["q_proj", "gate"])},
+            {"algorithm_config": lora(lora_attn_modules=["q_proj", "gate"])},
             "algorithm_config.lora_attn_modules[1]",
         ),
-        ("QLoRA", {"algorithm_config": _lora(quantize_base=True)}, "quantize_base"),
+        ("QLoRA", {"algorithm_config": lora(quantize_base=True)}, "quantize_base"),
         ("checkpoint_dir", {"checkpoint_dir": "/tmp/x"}, "checkpoint_dir: not supported"),
     ],
 )
@@ -324,7 +295,7 @@ def test_bad_request_is_a_client_error(stack, workspace, case, kwargs, message) 
         "job_uuid": job_uuid,
         "model": "llama3.2-tiny",
         "training_config": _training("bad-requests"),
-        "algorithm_config": _lora(),
+        "algorithm_config": lora(),
         "hyperparam_search_config": {},
         "logger_config": {},
         **kwargs,
@@ -359,7 +330,7 @@ def test_duplicate_job_uuid_is_refused(stack, trained) -> None:
             job_uuid="job-a",
             model="llama3.2-tiny",
             training_config=_training("train"),
-            algorithm_config=_lora(),
+            algorithm_config=lora(),
             hyperparam_search_config={},
             logger_config={},
         )

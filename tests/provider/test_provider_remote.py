@@ -18,6 +18,9 @@ from provider.s3stage import S3MultipartSink, S3Refused, S3Unavailable, dataset_
 from provider.staging import DatasetError, stage_dataset
 from provider.transport import DeliveryFailed, RequestRejected
 from tests.provider.loopback import LoopbackServer, Scripted
+from tests.support.jobs import lora
+from tests.support.loopback import closed_port_url
+from tests.support.s3 import FaultyS3, boto_client
 
 MIB = 1024 * 1024
 
@@ -113,9 +116,7 @@ def _stage(sink, rows, page_size=500, datasetio=None):
 
 
 def test_s3_down_while_staging_is_a_retryable_timeout_naming_the_uri() -> None:
-    from tests.pipelines import s3_faults
-
-    client = s3_faults.client(s3_faults.closed_port_url())
+    client = boto_client(closed_port_url())
     sink = S3MultipartSink(client, "datasets", "team/pt/datasets/j/train.jsonl", 5 * MIB)
     with pytest.raises(S3Unavailable) as err:
         _stage(sink, _big_rows(3))
@@ -130,10 +131,8 @@ def test_s3_down_while_staging_is_a_retryable_timeout_naming_the_uri() -> None:
 
 @pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError")])
 def test_s3_not_now_while_staging_is_a_retryable_timeout(status, code) -> None:
-    from tests.pipelines.s3_faults import FaultyS3, client
-
     with FaultyS3(status, code) as s3:
-        sink = S3MultipartSink(client(s3.url), "datasets", "k/train.jsonl", 5 * MIB)
+        sink = S3MultipartSink(boto_client(s3.url), "datasets", "k/train.jsonl", 5 * MIB)
         with pytest.raises(S3Unavailable, match=rf"s3://datasets/k/train\.jsonl \({code}: "):
             _stage(sink, _big_rows(3))
 
@@ -152,13 +151,11 @@ def test_s3_refusing_the_upload_is_a_400_naming_the_bucket(s3_endpoint) -> None:
 
 def test_s3_lost_mid_upload_surfaces_that_not_the_failed_abort(s3_endpoint, caplog) -> None:
     """S3 goes away after the first part: the upload error surfaces, the abort is best effort."""
-    from tests.pipelines import s3_faults
-
     cfg = _s3(s3_endpoint)
     client = s3_client(cfg)
     client.create_bucket(Bucket=cfg.bucket)
     sink = S3MultipartSink(client, cfg.bucket, "k/train.jsonl", 5 * MIB)
-    gone = s3_faults.client(s3_faults.closed_port_url())
+    gone = boto_client(closed_port_url())
 
     class S3GoesAway(RowsDatasetIO):
         async def iterrows(self, dataset_id, start_index=None, limit=None):
@@ -200,14 +197,7 @@ def _requested_event():
         "job_uuid": "job-7",
         "model": "llama3.2-tiny",
         "training_config": {"n_epochs": 1},
-        "algorithm_config": {
-            "type": "LoRA",
-            "lora_attn_modules": ["q_proj"],
-            "apply_lora_to_mlp": False,
-            "apply_lora_to_output": False,
-            "rank": 4,
-            "alpha": 8,
-        },
+        "algorithm_config": lora(lora_attn_modules=["q_proj"]),
         "dataset": {"uri": "s3://b/p/datasets/job-7/train.jsonl", "format": "jsonl", "rows": 3},
     }
     return make_event(JOB_REQUESTED, "/llama-stack/post-training/kfp-torchtune", data)
@@ -261,14 +251,9 @@ def test_broker_that_never_accepts_fails_after_the_configured_attempts() -> None
 
 
 def test_unreachable_broker_fails_cleanly() -> None:
-    import socket
-
     from provider.remote import RemoteTransport
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again below: nothing listens there
-    transport = RemoteTransport(_config(f"http://127.0.0.1:{port}/", attempts=2))
+    transport = RemoteTransport(_config(closed_port_url() + "/", attempts=2))
     with pytest.raises(DeliveryFailed, match="after 2 attempts; last: ConnectionError"):
         transport.send(_requested_event())
 

@@ -15,6 +15,8 @@ import pytest
 
 from provider.launcher import StackServer
 from tests.provider.loopback import LoopbackServer, Received, Scripted
+from tests.support.jobs import lora
+from tests.support.loopback import closed_port_url
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -25,17 +27,6 @@ def _csv(path, n: int):
         lines.append(f'"[{{""role"": ""user"", ""content"": ""q{i}""}}]",answer {i}')
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _lora() -> dict:
-    return {
-        "type": "LoRA",
-        "lora_attn_modules": ["q_proj"],
-        "apply_lora_to_mlp": False,
-        "apply_lora_to_output": False,
-        "rank": 4,
-        "alpha": 8,
-    }
 
 
 def _training(dataset_id: str) -> dict:
@@ -118,7 +109,7 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
                     job_uuid=job_uuid,
                     model="llama3.2-tiny",
                     training_config=_training("train"),
-                    algorithm_config=_lora(),
+                    algorithm_config=lora(lora_attn_modules=["q_proj"]),
                     hyperparam_search_config={},
                     logger_config={},
                 )
@@ -237,7 +228,6 @@ def test_s3_down_while_staging_is_a_504_naming_s3_and_leaves_no_job(tmp_path) ->
     from llama_stack_client import APIStatusError
 
     from provider.client import connect
-    from tests.pipelines.s3_faults import closed_port_url
 
     with LoopbackServer([Scripted(202)]) as broker:
         server = StackServer(
@@ -267,7 +257,7 @@ def test_s3_down_while_staging_is_a_504_naming_s3_and_leaves_no_job(tmp_path) ->
                     job_uuid="s3-down-1",
                     model="llama3.2-tiny",
                     training_config=_training("train"),
-                    algorithm_config=_lora(),
+                    algorithm_config=lora(lora_attn_modules=["q_proj"]),
                     hyperparam_search_config={},
                     logger_config={},
                 )

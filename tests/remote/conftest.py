@@ -6,32 +6,22 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.s3 import moto_server, set_credentials
+
 FAKE_ACCESS_KEY = "AKIAREMOTETESTKEY0001"
 FAKE_SECRET_KEY = "remote-test-secret-value-0001"  # asserted absent from IR, logs and events
 
 
 @pytest.fixture(scope="session")
 def moto_url() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture
 def s3_env(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """This process's boto3 talks to the moto server with the fake credentials."""
-    env = {
-        "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "S3_ENDPOINT_URL": moto_url,
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    env = set_credentials(monkeypatch, FAKE_ACCESS_KEY, FAKE_SECRET_KEY, S3_ENDPOINT_URL=moto_url)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return env
 

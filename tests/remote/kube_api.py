@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from tests.support.loopback import LoopbackHTTPServer, QuietHandler
 
 _PATH = re.compile(
     r"^/apis/datasciencepipelinesapplications\.opendatahub\.io/(?P<version>[^/]+)"
@@ -19,7 +19,9 @@ _PATH = re.compile(
 )
 
 
-class KubeApi:
+class KubeApi(LoopbackHTTPServer):
+    """The API server: serving from construction until ``close()``."""
+
     def __init__(self, token: str, version: str = "v1") -> None:
         self.token = token
         self.version = version
@@ -27,7 +29,7 @@ class KubeApi:
         self.seen_auth: list[str | None] = []
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 api.seen_auth.append(self.headers.get("Authorization"))
                 match = _PATH.match(self.path.split("?")[0])
@@ -48,15 +50,8 @@ class KubeApi:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        super().__init__(Handler)
+        self.start()
 
     def add_dspa(self, namespace: str, name: str, external_url: str | None) -> None:
         status = (
@@ -83,7 +78,3 @@ class KubeApi:
             )
         )
         return path
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
