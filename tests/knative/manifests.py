@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
+
 KNATIVE_DIR = REPO / "knative"
 SHARED_TOOLS = REPO.parent / "shared" / "tools"
 # Kubernetes version the core kinds are validated against (one kubernetes-validate ships).

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import boto3
 import pytest
@@ -15,8 +14,7 @@ import pytest
 from handler.backends.base import BackendUnavailable
 from handler.remote import s3
 from handler.settings import RemoteSettings
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
 
 
 def remote_for(s3_env: dict[str, str], bucket: str, prefix: str = "team/pt") -> RemoteSettings:
