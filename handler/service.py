@@ -302,7 +302,8 @@ class HandlerService:
             return self._redelivered(job, digest)
         log.info("job queued", extra={"job_uuid": job_uuid, "model": data["model"]})
         self._wake_dispatch.set()
-        self._wake_outbox.set()
+        if not self.store.born_delivered(reply=True):  # it travels as the reply, maybe no more
+            self._wake_outbox.set()
         return event_reply(event)
 
     def _backend_ready(self) -> bool:

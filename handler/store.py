@@ -81,7 +81,13 @@ CREATE TABLE IF NOT EXISTS outbox (
     lease_until REAL NOT NULL DEFAULT 0,
     last_error TEXT
 );
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (sink_done, local_done, seq);
+-- Undelivered events only: most rows are born delivered, so the delivery loop's lookups (due
+-- rows in order; a job's earlier undelivered events) stay small however long the outbox grows,
+-- and a row born delivered costs no index write.
+DROP INDEX IF EXISTS outbox_pending;
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (seq) WHERE sink_done = 0 OR local_done = 0;
+CREATE INDEX IF NOT EXISTS outbox_job_due ON outbox (job_uuid, seq)
+    WHERE sink_done = 0 OR local_done = 0;
 """
 
 
@@ -600,6 +606,7 @@ class JobStore:
     ) -> None:
         """Add an emitted event; ``reply``: it travels as the HTTP reply, not to the sink."""
         subject = event.get_subject() or ""
+        sink_done, local_done = self._born_done(reply)
         conn.execute(
             "INSERT OR IGNORE INTO outbox"
             " (event_id, job_uuid, type, event, created_at, sink_done, local_done)"
@@ -610,10 +617,20 @@ class JobStore:
                 event.get_type(),
                 json.dumps(event_to_dict(event)),
                 time.time(),
-                int(reply or not self.sink_delivery),
-                int(not self.local_delivery),
+                int(sink_done),
+                int(local_done),
             ),
         )
+
+    def _born_done(self, reply: bool) -> tuple[bool, bool]:
+        return reply or not self.sink_delivery, not self.local_delivery
+
+    def born_delivered(self, *, reply: bool = False) -> bool:
+        """Whether an event emitted now is delivered as it is written: nobody else needs it.
+
+        The writer then need not wake a delivery loop (there is nothing for it to do).
+        """
+        return all(self._born_done(reply))
 
     def event(self, event_id: str) -> dict[str, Any] | None:
         """A stored emitted event (structured-mode dict) by id."""
