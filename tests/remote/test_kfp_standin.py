@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import kfp
@@ -14,18 +13,10 @@ import pytest
 
 from tests.kfp_standin import KfpStandin
 from tests.remote import standin_pipelines as sp
+from tests.support.loopback import wait_for
 
 TOKEN = "token-one"
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+POLL_S = 0.2
 
 
 @pytest.fixture
@@ -76,7 +67,10 @@ def test_run_executes_ir_with_secret_from_platform_spec(standin, tmp_path):
     assert run.display_name == "job-secret"
     assert run.state in ("PENDING", "RUNNING")
     done = wait_for(
-        lambda: client.get_run(result.run_id).state in ("SUCCEEDED", "FAILED"), 240, "the run"
+        lambda: client.get_run(result.run_id).state in ("SUCCEEDED", "FAILED"),
+        240,
+        "the run",
+        every=POLL_S,
     )
     assert done
     final = client.get_run(result.run_id)
@@ -96,7 +90,7 @@ def test_missing_secret_fails_the_run(standin, tmp_path):
     result = client.create_run_from_pipeline_package(
         str(package), arguments={"out": str(tmp_path / "o")}, run_name="no-secret"
     )
-    wait_for(lambda: client.get_run(result.run_id).state == "FAILED", 30, "FAILED")
+    wait_for(lambda: client.get_run(result.run_id).state == "FAILED", 30, "FAILED", every=POLL_S)
     assert "secret 'standin-secret' not found" in client.get_run(result.run_id).error.message
 
 
@@ -128,7 +122,7 @@ def test_failure_runs_exit_handler_and_fails(standin, tmp_path):
     result = client.create_run_from_pipeline_package(
         str(package), arguments={"final_out": str(final), "fail": True}, run_name="job-fail"
     )
-    wait_for(lambda: client.get_run(result.run_id).state == "FAILED", 240, "FAILED")
+    wait_for(lambda: client.get_run(result.run_id).state == "FAILED", 240, "FAILED", every=POLL_S)
     assert final.read_text() == "FAILED"  # the exit task ran and saw the failure
     assert "sleep-then-fail" in client.get_run(result.run_id).error.message
 
@@ -141,11 +135,13 @@ def test_terminate_kills_the_execution(standin, tmp_path):
         arguments={"final_out": str(tmp_path / "f"), "seconds": 300.0},
         run_name="job-long",
     )
-    wait_for(lambda: client.get_run(result.run_id).state == "RUNNING", 60, "RUNNING")
+    wait_for(lambda: client.get_run(result.run_id).state == "RUNNING", 60, "RUNNING", every=POLL_S)
     time.sleep(1.0)
     client.terminate_run(result.run_id)
     assert client.get_run(result.run_id).state in ("CANCELING", "CANCELED")
-    wait_for(lambda: client.get_run(result.run_id).state == "CANCELED", 30, "CANCELED")
+    wait_for(
+        lambda: client.get_run(result.run_id).state == "CANCELED", 30, "CANCELED", every=POLL_S
+    )
     process = standin.state._executions[result.run_id].process
     assert process is not None and process.poll() is not None
     client.terminate_run(result.run_id)  # terminating twice is fine

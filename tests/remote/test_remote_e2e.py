@@ -19,7 +19,6 @@ from handler.settings import RemoteSettings
 from tests.remote import fixtures as fx
 from tests.remote.conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 from tests.remote.remote_world import RemoteHandler
-from tests.support.jobs import make_tiny_model
 from tests.support.loopback import wait_for
 from tests.support.sink import Sink
 
@@ -40,29 +39,18 @@ class World:
         self.handler_env: dict[str, str] = {}
 
     def runs_named(self, job_uuid: str) -> list[dict]:
-        flt = json.dumps(
-            {
-                "predicates": [
-                    {"operation": "EQUALS", "key": "display_name", "stringValue": job_uuid}
-                ]
-            }
-        )
-        return self.standin.state.list_runs({"filter": flt}).get("runs", [])
+        return fx.runs_named(self.standin, job_uuid)
 
     def event(self, job_uuid: str, short_type: str, timeout: float = RUN_TIMEOUT_S) -> dict:
-        def found():
-            return [e for e in self.sink.of(job_uuid) if e["type"] == contract.PREFIX + short_type]
-
-        try:
-            return wait_for(found, timeout, f"{short_type} for {job_uuid}", every=0.5)[0]
-        except AssertionError:
+        def diagnose() -> str:
             runs = self.runs_named(job_uuid)
             logs = [self.standin.state.run_log(r["run_id"])[-3000:] for r in runs]
-            raise AssertionError(
-                f"no {short_type} for {job_uuid}; sink saw {self.sink.types(job_uuid)}; "
-                f"runs {[(r['run_id'], r['state']) for r in runs]}\nrun logs: {logs}\n"
+            return (
+                f"; runs {[(r['run_id'], r['state']) for r in runs]}\nrun logs: {logs}\n"
                 f"handler log tail:\n{self.handler.log_text()[-4000:] if self.handler else ''}"
-            ) from None
+            )
+
+        return fx.wait_event(self.sink, job_uuid, short_type, timeout, 0.5, diagnose)
 
     def close(self) -> None:
         if self.handler is not None:
@@ -73,39 +61,16 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, moto_url):
-    import boto3
-
     tmp = tmp_path_factory.mktemp("remote-e2e")
-    creds = {
-        "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
     mp = pytest.MonkeyPatch()
-    for key, value in {**creds, "S3_ENDPOINT_URL": moto_url}.items():
-        mp.setenv(key, value)
-    bucket = "remote-e2e"
-    boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket=bucket)
-    remote = RemoteSettings(s3_endpoint_url=moto_url, s3_bucket=bucket, s3_prefix=fx.PREFIX)
-    fx.upload_tiny_model(make_tiny_model(tmp / "llama3.2-tiny"), remote)
-    token_file = tmp / "sa-token"
-    token_file.write_text(TOKENS[0])
+    remote, token_file, base_env = fx.remote_setup(tmp, moto_url, "remote-e2e", TOKENS[0], mp)
     world = World(tmp, remote, token_file)
     env = {
-        **creds,
-        "KFP_TRAINER_MODE": "remote",
-        "KFP_TRAINER_STATE_DIR": str(tmp / "state"),
+        **base_env,
         "KFP_HOST": world.standin.url,
         "KFP_EXPERIMENT": "e2e",
-        "KF_PIPELINES_SA_TOKEN_PATH": str(token_file),
-        "S3_ENDPOINT_URL": moto_url,
-        "S3_BUCKET": bucket,
-        "S3_PREFIX": fx.PREFIX,
         # No KFP_TRAINER_MODEL_STORE: the remote backend's default (upload-model's place) serves.
-        "KFP_TRAINER_CACHE_DIR": str(tmp / "model-cache"),
         "KFP_TRAINER_SINK": world.sink.url,
-        "KFP_TRAINER_DELIVERY_BACKOFF_S": "0.1",
-        "KFP_TRAINER_DELIVERY_BACKOFF_MAX_S": "1",
         "KFP_TRAINER_RETRY_AFTER_S": "3",
     }
     try:

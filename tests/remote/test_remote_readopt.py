@@ -21,9 +21,7 @@ import pytest
 from handler import contract
 from handler.settings import RemoteSettings
 from tests.remote import fixtures as fx
-from tests.remote.conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 from tests.remote.remote_world import RemoteHandler
-from tests.support.jobs import make_tiny_model
 from tests.support.loopback import wait_for
 from tests.support.sink import Sink
 
@@ -69,14 +67,7 @@ class World:
         return status, json.loads(body)
 
     def run_of(self, job_uuid: str) -> dict:
-        flt = json.dumps(
-            {
-                "predicates": [
-                    {"operation": "EQUALS", "key": "display_name", "stringValue": job_uuid}
-                ]
-            }
-        )
-        runs = self.standin.state.list_runs({"filter": flt}).get("runs", [])
+        runs = fx.runs_named(self.standin, job_uuid)
         assert len(runs) == 1, runs
         return runs[0]
 
@@ -95,16 +86,10 @@ class World:
             ) from None
 
     def event(self, job_uuid: str, short_type: str, timeout: float = 60) -> dict:
-        def found() -> list[dict]:
-            return [e for e in self.sink.of(job_uuid) if e["type"] == contract.PREFIX + short_type]
+        def diagnose() -> str:
+            return f"\nhandler log tail:\n{self.handler.log_text()[-4000:]}"
 
-        try:
-            return wait_for(found, timeout, f"{short_type} for {job_uuid}", every=0.3)[0]
-        except AssertionError:
-            raise AssertionError(
-                f"no {short_type} for {job_uuid}; sink saw {self.sink.types(job_uuid)}\n"
-                f"handler log tail:\n{self.handler.log_text()[-4000:]}"
-            ) from None
+        return fx.wait_event(self.sink, job_uuid, short_type, timeout, 0.3, diagnose)
 
     def submit(self, job_uuid: str, **training: int) -> None:
         data = fx.remote_request(self.remote, job_uuid, self.tmp)
@@ -122,37 +107,10 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, moto_url):
-    import boto3
-
     tmp = tmp_path_factory.mktemp("remote-readopt")
-    creds = {
-        "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
     mp = pytest.MonkeyPatch()
-    for key, value in {**creds, "S3_ENDPOINT_URL": moto_url}.items():
-        mp.setenv(key, value)
-    bucket = "remote-readopt"
-    boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket=bucket)
-    remote = RemoteSettings(s3_endpoint_url=moto_url, s3_bucket=bucket, s3_prefix=fx.PREFIX)
-    fx.upload_tiny_model(make_tiny_model(tmp / "llama3.2-tiny"), remote)
-    token_file = tmp / "sa-token"
-    token_file.write_text(TOKEN)
-    env = {
-        **creds,
-        "KFP_TRAINER_MODE": "remote",
-        "KFP_TRAINER_STATE_DIR": str(tmp / "state"),
-        "KFP_EXPERIMENT": "readopt",
-        "KF_PIPELINES_SA_TOKEN_PATH": str(token_file),
-        "S3_ENDPOINT_URL": moto_url,
-        "S3_BUCKET": bucket,
-        "S3_PREFIX": fx.PREFIX,
-        "KFP_TRAINER_CACHE_DIR": str(tmp / "model-cache"),
-        "KFP_TRAINER_DELIVERY_BACKOFF_S": "0.1",
-        "KFP_TRAINER_DELIVERY_BACKOFF_MAX_S": "1",
-    }
-    world = World(tmp, remote, env)
+    remote, _, env = fx.remote_setup(tmp, moto_url, "remote-readopt", TOKEN, mp)
+    world = World(tmp, remote, {**env, "KFP_EXPERIMENT": "readopt"})
     try:
         yield world
     finally:
