@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -166,9 +168,12 @@ class KfpState:
             experiment_record = self._experiments[experiment["experiment_id"]]
             experiment_record["last_run_created_at"] = now
             execution = self._executions[run["run_id"]] = Execution()
+        job = functools.partial(
+            self._execute, run["run_id"], spec, platform, arguments, run_dir, execution
+        )
         threading.Thread(
-            target=self._execute,
-            args=(run["run_id"], spec, platform, arguments, run_dir, execution),
+            target=_until_done,
+            args=(job, execution),
             name=f"kfp-standin-run-{run['run_id'][:8]}",
             daemon=True,
         ).start()
@@ -268,20 +273,6 @@ class KfpState:
         execution: Execution,
     ) -> None:
         try:
-            self._execute_inner(run_id, spec, platform, arguments, run_dir, execution)
-        finally:
-            execution.done.set()
-
-    def _execute_inner(
-        self,
-        run_id: str,
-        spec: dict[str, Any],
-        platform: dict[str, Any],
-        arguments: dict[str, Any],
-        run_dir: Path,
-        execution: Execution,
-    ) -> None:
-        try:
             secret_env = _secret_env(spec, platform, arguments, self.secrets)
         except ApiError as exc:  # like a pod stuck on a missing Secret: the run fails
             with self._lock:
@@ -334,6 +325,14 @@ class KfpState:
                     error_file.read_text() if error_file.exists() else f"executor exited {code}"
                 )
                 self._set_state(run, "FAILED", message)
+
+
+def _until_done(job: Callable[[], None], execution: Execution) -> None:
+    """Run ``job``; however it ends, the execution counts as done."""
+    try:
+        job()
+    finally:
+        execution.done.set()
 
 
 def _wait(process: subprocess.Popen[bytes], execution: Execution, grace: float = 10.0) -> int:
