@@ -42,6 +42,42 @@ def _training(dataset_id: str) -> dict:
     }
 
 
+def _remote_stack(tmp_path, broker: str, handler: str, s3: str, **env: str) -> StackServer:
+    """``llama stack run`` in remote mode on these endpoints, bucket ``ptrain``; not started."""
+    return StackServer(
+        {
+            "KFP_TRAINER_MODE": "remote",
+            "KFP_TRAINER_STATE_DIR": str(tmp_path / "state"),
+            "KFP_TRAINER_BROKER_URL": broker,
+            "KFP_TRAINER_HANDLER_URL": handler,
+            "S3_ENDPOINT_URL": s3,
+            "S3_BUCKET": "ptrain",
+            **env,
+        },
+        tmp_path,
+    )
+
+
+def _register_train(client, tmp_path, rows: int) -> None:
+    """A csv dataset of ``rows`` rows registered as ``train``."""
+    client.datasets.register(
+        purpose="post-training/messages",
+        source={"type": "uri", "uri": str(_csv(tmp_path / "train.csv", rows))},
+        dataset_id="train",
+    )
+
+
+def _fine_tune(client, job_uuid: str) -> None:
+    client.post_training.supervised_fine_tune(
+        job_uuid=job_uuid,
+        model="llama3.2-tiny",
+        training_config=_training("train"),
+        algorithm_config=lora(lora_attn_modules=["q_proj"]),
+        hyperparam_search_config={},
+        logger_config={},
+    )
+
+
 def _wait(client, job_uuid: str, want: str, timeout_s: float = 30.0):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -80,43 +116,24 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
         LoopbackServer(responder=broker_reply) as broker,
         LoopbackServer(responder=handler_reply) as handler,
     ):
-        server = StackServer(
-            {
-                "KFP_TRAINER_MODE": "remote",
-                "KFP_TRAINER_STATE_DIR": str(tmp_path / "state"),
-                "KFP_TRAINER_BROKER_URL": broker.url + "/ns/default",
-                "KFP_TRAINER_HANDLER_URL": handler.url,
-                "KFP_TRAINER_STATUS_REFRESH_S": "0",
-                "KFP_TRAINER_LOST_AFTER_S": "3",
-                "KFP_TRAINER_DELIVERY_BACKOFF_S": "0.05",
-                "S3_ENDPOINT_URL": s3_endpoint,
-                "S3_BUCKET": "ptrain",
-                "S3_PREFIX": "team",
-            },
+        server = _remote_stack(
             tmp_path,
+            broker.url + "/ns/default",
+            handler.url,
+            s3_endpoint,
+            KFP_TRAINER_STATUS_REFRESH_S="0",
+            KFP_TRAINER_LOST_AFTER_S="3",
+            KFP_TRAINER_DELIVERY_BACKOFF_S="0.05",
+            S3_PREFIX="team",
         )
         server.start()
         try:
             client = connect(server.url, timeout=30).with_options(max_retries=0)
-            client.datasets.register(
-                purpose="post-training/messages",
-                source={"type": "uri", "uri": str(_csv(tmp_path / "train.csv", 30))},
-                dataset_id="train",
-            )
-
-            def submit(job_uuid: str) -> None:
-                client.post_training.supervised_fine_tune(
-                    job_uuid=job_uuid,
-                    model="llama3.2-tiny",
-                    training_config=_training("train"),
-                    algorithm_config=lora(lora_attn_modules=["q_proj"]),
-                    hyperparam_search_config={},
-                    logger_config={},
-                )
+            _register_train(client, tmp_path, 30)
 
             # 1. job.requested: dataset streamed to S3, event POSTed in binary mode
             views["r-1"] = {"job_uuid": "r-1", "status": "scheduled"}
-            submit("r-1")
+            _fine_tune(client, "r-1")
             (posted,) = broker.received
             headers = {k.lower(): v for k, v in posted.headers.items()}
             assert posted.path == "/ns/default"
@@ -176,7 +193,7 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
 
             # 3. cancel emits job.cancel.requested; the handler's answer makes it cancelled
             views["r-3"] = {"job_uuid": "r-3", "status": "in_progress"}
-            submit("r-3")
+            _fine_tune(client, "r-3")
             client.post_training.job.cancel(job_uuid="r-3")
             cancel = broker.received[-1]
             assert {k.lower(): v for k, v in cancel.headers.items()}["ce-type"] == (
@@ -190,11 +207,11 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
             from llama_stack_client import BadRequestError
 
             with pytest.raises(BadRequestError, match="model artifact not found"):
-                submit("r-bad")
+                _fine_tune(client, "r-bad")
             assert "r-bad" not in [j.job_uuid for j in client.post_training.job.list()]
 
             # 5. accepted by the broker, never known to the handler: failed, saying so
-            submit("r-2")
+            _fine_tune(client, "r-2")
             assert client.post_training.job.status(job_uuid="r-2").status == "scheduled"
             lost = _wait(client, "r-2", "failed", timeout_s=20)
             assert lost.status == "failed"
@@ -202,7 +219,7 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
 
             # 6. the handler goes away: status still answers from the provider's own copy
             views["r-4"] = {"job_uuid": "r-4", "status": "scheduled"}
-            submit("r-4")
+            _fine_tune(client, "r-4")
         finally:
             server.stop()
     server.start()  # broker and handler are gone now
@@ -230,37 +247,21 @@ def test_s3_down_while_staging_is_a_504_naming_s3_and_leaves_no_job(tmp_path) ->
     from provider.client import connect
 
     with LoopbackServer([Scripted(202)]) as broker:
-        server = StackServer(
-            {
-                "KFP_TRAINER_MODE": "remote",
-                "KFP_TRAINER_STATE_DIR": str(tmp_path / "state"),
-                "KFP_TRAINER_BROKER_URL": broker.url,
-                "KFP_TRAINER_HANDLER_URL": broker.url,
-                "S3_ENDPOINT_URL": closed_port_url(),
-                "S3_BUCKET": "ptrain",
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1",
-            },
+        server = _remote_stack(
             tmp_path,
+            broker.url,
+            broker.url,
+            closed_port_url(),
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
         )
         server.start()
         try:
             client = connect(server.url, timeout=60).with_options(max_retries=0)
-            client.datasets.register(
-                purpose="post-training/messages",
-                source={"type": "uri", "uri": str(_csv(tmp_path / "train.csv", 5))},
-                dataset_id="train",
-            )
+            _register_train(client, tmp_path, 5)
             with pytest.raises(APIStatusError) as err:
-                client.post_training.supervised_fine_tune(
-                    job_uuid="s3-down-1",
-                    model="llama3.2-tiny",
-                    training_config=_training("train"),
-                    algorithm_config=lora(lora_attn_modules=["q_proj"]),
-                    hyperparam_search_config={},
-                    logger_config={},
-                )
+                _fine_tune(client, "s3-down-1")
             assert err.value.status_code == 504
             assert "S3 did not answer while staging the dataset to s3://ptrain/" in str(err.value)
             assert "retry the request" in str(err.value)
