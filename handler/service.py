@@ -301,7 +301,8 @@ class HandlerService:
         if not created:
             return self._redelivered(job, digest)
         log.info("job queued", extra={"job_uuid": job_uuid, "model": data["model"]})
-        self._wake_dispatch.set()
+        if self._limit != 0:  # a backend that starts nothing (hold) has no dispatcher work
+            self._wake_dispatch.set()
         if not self.store.born_delivered(reply=True):  # it travels as the reply, maybe no more
             self._wake_outbox.set()
         return event_reply(event)

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from cloudevents.core.base import BaseCloudEvent
 
-from handler.contract import JobStatus, event_to_dict
+from handler.contract import JSON_FORMAT, JobStatus
 
 QUEUED: Final = "queued"
 STARTING: Final = "starting"  # claimed by a worker, submit in flight
@@ -248,6 +248,16 @@ _SETTABLE: Final = frozenset(
         "submit_attempts",
         "next_submit_at",
     }
+)
+
+
+# The head of the queue (and, for a limited backend, how many jobs are active), read together.
+_CLAIMABLE: Final = (
+    "SELECT next_submit_at FROM jobs WHERE state = ? AND cancel_requested = 0 ORDER BY seq LIMIT 1"
+)
+_CLAIMABLE_UNDER_LIMIT: Final = (
+    "SELECT next_submit_at, (SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)) AS active"
+    " FROM jobs WHERE state = ? AND cancel_requested = 0 ORDER BY seq LIMIT 1"
 )
 
 
@@ -542,20 +552,19 @@ class JobStore:
         """Claim the oldest queued job for ``owner`` if fewer than ``limit`` jobs are active.
 
         Strict FIFO: when the oldest queued job waits for a submit retry, nothing overtakes it.
-        A read decides first whether there can be anything to claim, so idle workers polling
-        for work take no write lock.
+        One read decides first whether there can be anything to claim, so idle workers polling
+        for work take no write lock; a limit of 0 (a backend that starts nothing) reads nothing.
         """
-        head = self._read(
-            "SELECT next_submit_at FROM jobs WHERE state = ? AND cancel_requested = 0"
-            " ORDER BY seq LIMIT 1",
-            (QUEUED,),
-        )
+        if limit is not None and limit <= 0:
+            return None
+        if limit is None:
+            head = self._read(_CLAIMABLE, (QUEUED,))
+        else:
+            head = self._read(_CLAIMABLE_UNDER_LIMIT, (*ACTIVE, QUEUED))
         if not head or head[0]["next_submit_at"] > now:
             return None
-        if limit is not None:
-            active = self._read("SELECT COUNT(*) AS n FROM jobs WHERE state IN (?, ?)", ACTIVE)
-            if active[0]["n"] >= limit:
-                return None
+        if limit is not None and head[0]["active"] >= limit:
+            return None
         with self._tx() as conn:
             if limit is not None:
                 active = conn.execute(
@@ -615,7 +624,7 @@ class JobStore:
                 event.get_id(),
                 subject,
                 event.get_type(),
-                json.dumps(event_to_dict(event)),
+                JSON_FORMAT.write(event).decode(),  # structured mode: what event() decodes
                 time.time(),
                 int(sink_done),
                 int(local_done),
