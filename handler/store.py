@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -195,6 +195,16 @@ class OutboxRow:
     attempts: int
 
 
+@dataclass
+class _Group:
+    """Job inserts that share one transaction (see :meth:`JobStore.insert_job`)."""
+
+    items: list[tuple[Job, str, BaseCloudEvent]] = field(default_factory=list)
+    results: list[tuple[Job, bool]] = field(default_factory=list)
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class _Conns(threading.local):
     conn: sqlite3.Connection | None = None
 
@@ -277,6 +287,8 @@ class JobStore:
         self._schema_ready = False
         self._writer_lock = threading.Lock()
         self._lock_fd: int | None = None
+        self._group_lock = threading.Lock()
+        self._group: _Group | None = None
         # Who still needs an emitted event: an HTTP sink, in-process subscribers. An event
         # nobody needs is born delivered (no outbox traffic in a deployment without a sink).
         self.sink_delivery = True
@@ -415,26 +427,61 @@ class JobStore:
         The event is built before the transaction, so the write lock is held for the inserts
         only. It travels as the HTTP reply, so its outbox row is born sink-delivered.
 
+        Group commit: inserts from several threads of this process (gunicorn's gthread worker)
+        that arrive while the write lock is taken share the next transaction, and so one
+        fsync. The first of them leads: it waits for the lock and commits them all; every
+        caller returns only once that commit is durable. One thread alone commits alone.
+
         :return: (the stored job, whether it was created now)
         """
-        with self._tx() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
-            if row is not None:
-                return _job(row), False
-            cur = conn.execute(
-                "INSERT INTO jobs (job_uuid, digest, request, state, scheduled_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    job.job_uuid,
-                    job.digest,
-                    _dumps(job.request),
-                    QUEUED,
-                    job.scheduled_at,
-                    time.time(),
-                ),
-            )
-            self._add_event(conn, event, reply=True)
-            return replace(job, seq=cur.lastrowid or 0), True
+        item = (job, _dumps(job.request), event)
+        with self._group_lock:
+            batch = self._group
+            leader = batch is None
+            if batch is None:
+                batch = self._group = _Group()
+            index = len(batch.items)
+            batch.items.append(item)
+        if leader:
+            self._commit_group(batch)
+        else:
+            batch.done.wait()
+        if batch.error is None:
+            return batch.results[index]
+        if leader:
+            raise batch.error
+        if isinstance(batch.error, StoreUnavailable):  # each caller raises its own exception
+            raise StoreUnavailable(str(batch.error)) from batch.error
+        raise StoreUnavailable(f"job store {self.path} failed a write: {batch.error!r}")
+
+    def _commit_group(self, batch: _Group) -> None:
+        try:
+            with self._writer():
+                with self._group_lock:
+                    self._group = None  # later arrivals form the next group
+                with self._tx_locked() as conn:
+                    batch.results = [self._insert_queued(conn, *item) for item in batch.items]
+        except BaseException as exc:
+            batch.error = exc
+        finally:
+            with self._group_lock:
+                if self._group is batch:  # the lock was never had: nobody else may join it
+                    self._group = None
+            batch.done.set()
+
+    def _insert_queued(
+        self, conn: sqlite3.Connection, job: Job, request: str, event: BaseCloudEvent
+    ) -> tuple[Job, bool]:
+        row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
+        if row is not None:
+            return _job(row), False
+        cur = conn.execute(
+            "INSERT INTO jobs (job_uuid, digest, request, state, scheduled_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (job.job_uuid, job.digest, request, QUEUED, job.scheduled_at, time.time()),
+        )
+        self._add_event(conn, event, reply=True)
+        return replace(job, seq=cur.lastrowid or 0), True
 
     def insert_adopted(self, job: Job, event: BaseCloudEvent) -> tuple[Job, bool]:
         """Record a job this store lost but the backend still has (remote: a KFP run found by
