@@ -307,6 +307,11 @@ class HandlerService:
             self._wake_outbox.set()
         return event_reply(event)
 
+    def _emitted(self) -> None:
+        """An event was just emitted: wake the delivery loop, unless nobody needs it delivered."""
+        if not self.store.born_delivered():
+            self._wake_outbox.set()
+
     def _backend_ready(self) -> bool:
         """``backend.ready()``, remembered for a second when true (it may cost a round trip)."""
         now = time.monotonic()
@@ -351,7 +356,7 @@ class HandlerService:
         )
         if dropped is not None:
             log.info("queued job cancelled", extra={"job_uuid": job_uuid})
-            self._wake_outbox.set()
+            self._emitted()
             return json_reply(202, {"job_uuid": job_uuid, "status": "cancelled"})
         flagged = self.store.update(
             job_uuid, when=lambda j: j.state in ACTIVE, change=lambda j: {"cancel_requested": 1}
@@ -507,7 +512,7 @@ class HandlerService:
                     "job ended",
                     extra={"job_uuid": job.job_uuid, "status": status.value, "error": done.error},
                 )
-                self._wake_outbox.set()
+                self._emitted()
             return done
         progress = _progress(state.progress)
         if progress is None or progress == job.progress or job.state != RUNNING:
@@ -525,7 +530,7 @@ class HandlerService:
         fields: dict[str, Any] = {"progress": progress}
         if due:
             fields.update(progress_emitted_at=now, progress_emitted_step=step)
-            self._wake_outbox.set()
+            self._emitted()
         return self.store.update(
             job.job_uuid,
             when=lambda j: j.state == RUNNING,
@@ -543,7 +548,7 @@ class HandlerService:
             emit=lambda j: self._event(contract.JOB_FAILED, j),
         )
         log.warning("job failed to start", extra={"job_uuid": job.job_uuid, "error": error})
-        self._wake_outbox.set()
+        self._emitted()
 
     def _submit(self, job: Job) -> None:
         """Start the run for a job this worker has claimed (state ``starting``)."""
@@ -573,7 +578,7 @@ class HandlerService:
                 extra={"job_uuid": job.job_uuid, "retry_in_s": delay, "problem": str(exc)},
             )
             if requeued is not None and requeued.state == "cancelled":
-                self._wake_outbox.set()
+                self._emitted()
             return
         except BackendRejected as exc:
             self._fail(job, str(exc))
@@ -592,7 +597,7 @@ class HandlerService:
             log.warning("job changed hands during submit", extra={"job_uuid": job.job_uuid})
             return
         log.info("job started", extra={"job_uuid": job.job_uuid, "run_id": run_id})
-        self._wake_outbox.set()
+        self._emitted()
         if running.cancel_requested:
             self.backend.cancel(job.job_uuid, run_id)
             self._cancel_sent[job.job_uuid] = time.monotonic()
