@@ -4,8 +4,9 @@ Both run under the same gunicorn config (handler/gunicorn_conf.py: same workers,
 access log) on 127.0.0.1; the handler uses the no-op backend (KFP_TRAINER_BACKEND=noop, so
 nothing trains) over a fresh SQLite store. A bounded load generator (client processes x
 threads, a fixed number of requests, new connection per request) posts binary-mode
-job.requested events with unique job_uuids, alternating rounds between the two servers, and
-prints req/s, p50 and p99 for each and the ratio. Targets: >= 0.9x the bare app, p99 <= 20 ms
+job.requested events with unique job_uuids, alternating rounds between the two servers (each
+round starts once the previous server is idle again), and prints req/s, p50 and p99 for each
+and the ratio. Targets: >= 0.9x the bare app, p99 <= 20 ms
 at 2 workers. The handler's backend is chosen by configuration: ``hold`` (accept, never start:
 the ingress path alone) or ``noop`` (start and complete every job at once). Run by hand:
 
@@ -139,6 +140,30 @@ class Server:
             if time.monotonic() > deadline:
                 raise SystemExit(f"{app} not healthy within 60 s; see {log}")
             time.sleep(0.2)
+
+    def cpu_s(self) -> float:
+        """CPU seconds its worker processes have used so far (Linux /proc; 0 elsewhere)."""
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == self.proc.pid:  # ppid: one of our workers
+                total += int(fields[11]) + int(fields[12])  # utime + stime, in ticks
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until the workers are idle: work left from a round (noop: starting and
+        completing the jobs it queued) must not run during the next server's round."""
+        deadline = time.monotonic() + timeout
+        used = self.cpu_s()
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            now = self.cpu_s()
+            if now - used < 0.02:
+                return
+            used = now
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -286,6 +311,7 @@ def main() -> int:
                     )
                     stats[name]["rps"].append(rps)
                     stats[name]["lat"].extend(lat)
+                    server.settle()
         finally:
             handler.stop()
             bare.stop()
