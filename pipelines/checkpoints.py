@@ -15,9 +15,7 @@ later job) never sees half a checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
 
 from pipelines.modeling import PARAMS, TOKENIZER, read_params
 from pipelines.models import ModelSpec
+from pipelines.publish import staged_dir
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
@@ -92,10 +91,8 @@ def save_checkpoint(
     """Write ``root/identifier`` (adapter + merged model) atomically; return its path."""
     from safetensors.torch import save_file
 
-    root.mkdir(parents=True, exist_ok=True)
     final = root / identifier
-    tmp = Path(tempfile.mkdtemp(prefix=f".{identifier}-", dir=root))
-    try:
+    with staged_dir(final) as tmp:
         params = read_params(source_dir)
         n_heads = int(params["n_heads"])
         n_kv = int(params.get("n_kv_heads", n_heads))
@@ -142,12 +139,6 @@ def save_checkpoint(
             cfg = _hf_config(params, spec, model, hidden, dtype)
             (model_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         shutil.copy2(source_dir / TOKENIZER, model_dir / TOKENIZER)
-
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Final
 
 from pipelines.bpe import write_tiktoken_file
 from pipelines.models import TINY_BASE_VOCAB, TINY_DIMS, lookup
+from pipelines.publish import staged_dir
 
 NAME: Final = "llama3.2-tiny"
 
@@ -48,9 +46,7 @@ def write_tiny_model(out: Path, seed: int = 0) -> Path:
     from pipelines.modeling import build_model
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         n_base = write_tiktoken_file(tmp / "tokenizer.model", TINY_BASE_VOCAB - 256)
         if n_base != TINY_BASE_VOCAB:
             raise RuntimeError(f"tiny tokenizer has {n_base} tokens, expected {TINY_BASE_VOCAB}")
@@ -70,11 +66,6 @@ def write_tiny_model(out: Path, seed: int = 0) -> Path:
             for f in ("consolidated.00.pth", "params.json", "tokenizer.model")
         ]
         (tmp / "checklist.chk").write_text("\n".join(sums) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
