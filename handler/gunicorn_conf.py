@@ -16,18 +16,14 @@ import gc
 import os
 from typing import Any
 
+from handler.settings import SettingsError, env_int
+
 
 def _int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name, "")
-    if not raw:
-        return default
     try:
-        value = int(raw)
-    except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise SystemExit(f"{name}={value} must be >= {minimum}")
-    return value
+        return env_int(os.environ, name, default, minimum)
+    except SettingsError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 wsgi_app = "handler:create_app()"

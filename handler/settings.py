@@ -24,7 +24,8 @@ class SettingsError(ValueError):
     """A variable is set to something the handler cannot use; the message names it."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    """``env[name]`` as an int of at least ``minimum`` (``default`` when unset or empty)."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -151,20 +152,22 @@ class HandlerSettings:
             source=env.get("KFP_TRAINER_SOURCE", "") or cls.source,
             sink=env.get("K_SINK", "") or env.get("KFP_TRAINER_SINK", ""),
             ce_overrides=overrides,
-            max_body_bytes=_int(env, "KFP_TRAINER_MAX_BODY_BYTES", cls.max_body_bytes, 1),
-            local_workers=_int(env, "KFP_TRAINER_LOCAL_WORKERS", cls.local_workers, 1),
+            max_body_bytes=env_int(env, "KFP_TRAINER_MAX_BODY_BYTES", cls.max_body_bytes, 1),
+            local_workers=env_int(env, "KFP_TRAINER_LOCAL_WORKERS", cls.local_workers, 1),
             model_store=env.get("KFP_TRAINER_MODEL_STORE", ""),
             progress_interval_s=_float(
                 env, "KFP_TRAINER_PROGRESS_INTERVAL_S", cls.progress_interval_s
             ),
-            delivery_attempts=_int(env, "KFP_TRAINER_DELIVERY_ATTEMPTS", cls.delivery_attempts, 1),
+            delivery_attempts=env_int(
+                env, "KFP_TRAINER_DELIVERY_ATTEMPTS", cls.delivery_attempts, 1
+            ),
             delivery_backoff_s=_float(
                 env, "KFP_TRAINER_DELIVERY_BACKOFF_S", cls.delivery_backoff_s
             ),
             delivery_backoff_max_s=_float(
                 env, "KFP_TRAINER_DELIVERY_BACKOFF_MAX_S", cls.delivery_backoff_max_s
             ),
-            retry_after_s=_int(env, "KFP_TRAINER_RETRY_AFTER_S", cls.retry_after_s, 1),
+            retry_after_s=env_int(env, "KFP_TRAINER_RETRY_AFTER_S", cls.retry_after_s, 1),
             log_level=env.get("KFP_TRAINER_LOG_LEVEL", cls.log_level).upper(),
             backend=env.get("KFP_TRAINER_BACKEND", ""),
             db_busy_timeout_s=_float(env, "KFP_TRAINER_DB_BUSY_TIMEOUT_S", cls.db_busy_timeout_s),
