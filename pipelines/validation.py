@@ -217,25 +217,22 @@ def check_request(request: Mapping[str, Any]) -> list[str]:
     _check_training(request.get("training_config"), problems)
     _check_algorithm(request.get("algorithm_config"), model, problems)
 
-    dataset = request.get("dataset")
-    if not isinstance(dataset, Mapping):
-        problems.append("dataset: is required ({'uri': path to a JSONL file})")
-    else:
-        _check_uri("dataset.uri", dataset.get("uri"), want_file=True, problems=problems)
-    val = request.get("validation_dataset")
-    if val is not None:
-        if not isinstance(val, Mapping):
-            problems.append("validation_dataset: must be an object with 'uri'")
-        else:
-            _check_uri("validation_dataset.uri", val.get("uri"), want_file=True, problems=problems)
-    artifact = request.get("model_artifact")
-    if artifact is not None:
-        if not isinstance(artifact, Mapping):
-            problems.append("model_artifact: must be an object with 'uri'")
-        else:
-            _check_uri(
-                "model_artifact.uri", artifact.get("uri"), want_file=False, problems=problems
+    for key, required, want_file in (
+        ("dataset", True, True),
+        ("validation_dataset", False, True),
+        ("model_artifact", False, False),
+    ):
+        ref = request.get(key)
+        if ref is None and not required:
+            continue
+        if not isinstance(ref, Mapping):
+            problems.append(
+                f"{key}: is required ({{'uri': path to a JSONL file}})"
+                if required
+                else f"{key}: must be an object with 'uri'"
             )
+        else:
+            _check_uri(f"{key}.uri", ref.get("uri"), want_file=want_file, problems=problems)
     fmt = request.get("checkpoint_format")
     if fmt is not None and fmt not in CHECKPOINT_FORMATS:
         problems.append(f"checkpoint_format: {fmt!r} is not one of {', '.join(CHECKPOINT_FORMATS)}")
