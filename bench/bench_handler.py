@@ -32,6 +32,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.jobs import job_request  # noqa: E402
+
 JOB_REQUESTED = "io.llamastack.posttraining.job.requested"
 
 
@@ -57,39 +61,8 @@ def create_bare_app() -> Any:
 
 
 def _request_body(job_uuid: str, dataset: str) -> bytes:
-    return json.dumps(
-        {
-            "job_uuid": job_uuid,
-            "model": "llama3.2-tiny",
-            "training_config": {
-                "n_epochs": 1,
-                "max_steps_per_epoch": 2,
-                "data_config": {
-                    "dataset_id": "d",
-                    "batch_size": 2,
-                    "shuffle": False,
-                    "data_format": "instruct",
-                },
-                "optimizer_config": {
-                    "optimizer_type": "adamw",
-                    "lr": 0.001,
-                    "weight_decay": 0.0,
-                    "num_warmup_steps": 0,
-                },
-            },
-            "algorithm_config": {
-                "type": "LoRA",
-                "lora_attn_modules": ["q_proj", "v_proj"],
-                "apply_lora_to_mlp": False,
-                "apply_lora_to_output": False,
-                "rank": 4,
-                "alpha": 8,
-            },
-            "hyperparam_search_config": {},
-            "logger_config": {},
-            "dataset": {"uri": dataset},
-        }
-    ).encode()
+    """The tests' job.requested payload (tests/support/jobs.py), as the load generator sends it."""
+    return json.dumps(job_request(job_uuid, dataset)).encode()
 
 
 class Server:
