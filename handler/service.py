@@ -51,6 +51,9 @@ TICK_S: Final = 0.5  # how often a worker looks for work queued by other workers
 ADOPT_EVERY_S: Final = 2.0
 CANCEL_RESEND_S: Final = 5.0
 READY_CACHE_S: Final = 1.0
+# How long a model name's resolved artifact is reused (a lookup may be an S3 round trip). Only
+# hits are kept: a model uploaded after a miss is found by the next request.
+MODEL_CACHE_S: Final = 10.0
 _EXTENSION_NAME: Final = re.compile(r"^[a-z0-9]{1,20}$")
 _PROGRESS_KEYS: Final = {"step": int, "total_steps": int, "epoch": int, "loss": (int, float)}
 # The digest of a job re-adopted from the backend: its request content is not known here.
@@ -107,6 +110,7 @@ class HandlerService:
         self._lock = threading.Lock()
         self._cancel_sent: dict[str, float] = {}
         self._ready_until = 0.0
+        self._models: dict[str, tuple[float, str]] = {}  # model -> (until, artifact uri)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -262,12 +266,17 @@ class HandlerService:
             return data
         from pipelines.staging import StagingError, resolve_model_uri
 
+        model = data["model"]
+        now = time.monotonic()
+        cached = self._models.get(model)
+        if cached is not None and cached[0] > now:
+            return {**data, "model_artifact": {"uri": cached[1]}}
         store = self.settings.model_store
         default_store = getattr(self.backend, "default_model_store", None)
         if not store and default_store is not None:
             store = default_store()
         try:
-            uri = resolve_model_uri(data["model"], store)
+            uri = resolve_model_uri(model, store)
         except StagingError as exc:  # not there, or the store said no (bucket, access): for good
             raise BadRequest(f"model_artifact: not given and not resolvable: {exc}") from None
         except OSError as exc:  # pipelines' StorageUnavailable is a ConnectionError: not now
@@ -279,22 +288,22 @@ class HandlerService:
                 f"model_artifact: not given, and model store {store!r} could not be searched "
                 f"for model {data['model']!r} right now; retry later"
             ) from None
+        self._models[model] = (now + MODEL_CACHE_S, uri)
         return {**data, "model_artifact": {"uri": uri}}
 
     def _requested(self, data: dict[str, Any]) -> Reply:
         job_uuid = data["job_uuid"]
         digest = ingress.digest(data)
-        existing = self.store.job(job_uuid)
-        if existing is not None:
+        try:
+            request = self._admit(data)
+        except (BadRequest, Unavailable):
+            # A redelivery is answered as the first delivery was, whatever changed since (a
+            # dataset moved, the backend down); only a new job is refused. The store is read
+            # here, on the way out, so an accepted request costs one write and no read.
+            existing = self.store.job(job_uuid)
+            if existing is None:
+                raise
             return self._redelivered(existing, digest)
-        from pipelines.validation import check_request
-
-        problems = check_request(data)
-        if problems:
-            raise BadRequest(problems)
-        request = self._resolve(data)
-        if not self._backend_ready():
-            raise Unavailable(f"the {self.backend.name} backend is not ready; retry later")
         fresh = new_job(job_uuid=job_uuid, digest=digest, request=request, scheduled_at=now_iso())
         event = self._event(contract.JOB_SCHEDULED, fresh)
         job, created = self.store.insert_job(fresh, event)
@@ -306,6 +315,22 @@ class HandlerService:
         if not self.store.born_delivered(reply=True):  # it travels as the reply, maybe no more
             self._wake_outbox.set()
         return event_reply(event)
+
+    def _admit(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Check a new request against what the pipeline accepts and resolve its model.
+
+        :raises BadRequest: a problem with the request (every one found, named).
+        :raises Unavailable: the backend or the model store cannot take it right now.
+        """
+        from pipelines.validation import check_request
+
+        problems = check_request(data)
+        if problems:
+            raise BadRequest(problems)
+        request = self._resolve(data)
+        if not self._backend_ready():
+            raise Unavailable(f"the {self.backend.name} backend is not ready; retry later")
+        return request
 
     def _emitted(self) -> None:
         """An event was just emitted: wake the delivery loop, unless nobody needs it delivered."""
@@ -689,6 +714,8 @@ def _check_overrides(settings: HandlerSettings) -> None:
 def create_service(settings: HandlerSettings) -> HandlerService:
     """Build the store, the backend (by the one lookup) and the service; starts nothing."""
     _check_overrides(settings)
-    store = JobStore(settings.database, busy_timeout_s=settings.db_busy_timeout_s)
+    store = JobStore(
+        settings.database, busy_timeout_s=settings.db_busy_timeout_s, sync=settings.db_sync
+    )
     backend = load_backend(settings, store)
     return HandlerService(settings, store, backend)

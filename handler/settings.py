@@ -16,6 +16,8 @@ from typing import Literal
 from pipelines.settings import PipelineSettings
 
 Mode = Literal["local", "remote"]
+# How hard the job store pushes a commit to disk before the 200 (handler/README.md: Durability).
+DbSync = Literal["normal", "full"]
 
 DEFAULT_STATE_DIR = Path.home() / ".local" / "share" / "kfp-trainer"
 
@@ -118,6 +120,9 @@ class HandlerSettings:
     db_busy_timeout_s: float = (
         5.0  # KFP_TRAINER_DB_BUSY_TIMEOUT_S: wait on a locked store, then 503
     )
+    # KFP_TRAINER_DB_SYNC: "normal" (a commit survives the process: WAL written, not fsynced)
+    # or "full" (fsync per commit: survives a power loss, if the volume does).
+    db_sync: DbSync = "normal"
     remote: RemoteSettings = field(default_factory=RemoteSettings)
     # The pipeline's own settings (pipelines/settings.py), read from the same environment.
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
@@ -145,6 +150,9 @@ class HandlerSettings:
                     f'K_CE_OVERRIDES={overrides_raw!r}: expected {{"extensions": {{...}}}}'
                 ) from None
         db = env.get("KFP_TRAINER_DB", "")
+        db_sync = env.get("KFP_TRAINER_DB_SYNC", "") or cls.db_sync
+        if db_sync not in ("normal", "full"):
+            raise SettingsError(f"KFP_TRAINER_DB_SYNC={db_sync!r}: expected 'normal' or 'full'")
         return cls(
             mode=mode,  # type: ignore[arg-type]
             state_dir=Path(env.get("KFP_TRAINER_STATE_DIR", "") or DEFAULT_STATE_DIR),
@@ -171,6 +179,7 @@ class HandlerSettings:
             log_level=env.get("KFP_TRAINER_LOG_LEVEL", cls.log_level).upper(),
             backend=env.get("KFP_TRAINER_BACKEND", ""),
             db_busy_timeout_s=_float(env, "KFP_TRAINER_DB_BUSY_TIMEOUT_S", cls.db_busy_timeout_s),
+            db_sync=db_sync,  # type: ignore[arg-type]
             remote=RemoteSettings.from_env(env),
             pipeline=PipelineSettings.from_env(env),
         )
@@ -196,6 +205,7 @@ ENV_VARS = (
     "KFP_TRAINER_LOG_LEVEL",
     "KFP_TRAINER_BACKEND",
     "KFP_TRAINER_DB_BUSY_TIMEOUT_S",
+    "KFP_TRAINER_DB_SYNC",
     "KFP_HOST",
     "KFP_NAMESPACE",
     "KFP_EXPERIMENT",
@@ -210,4 +220,4 @@ ENV_VARS = (
     "KFP_TRAINER_NOTIFY_URL",
 )
 
-__all__ = ["ENV_VARS", "HandlerSettings", "Mode", "RemoteSettings", "SettingsError"]
+__all__ = ["ENV_VARS", "DbSync", "HandlerSettings", "Mode", "RemoteSettings", "SettingsError"]

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from cloudevents.core.base import BaseCloudEvent
 
@@ -278,9 +278,17 @@ class JobStore:
     I/O). Every ``sqlite3`` failure surfaces as :class:`StoreUnavailable`.
     """
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, path: Path, *, busy_timeout_s: float = 5.0, sync: Literal["normal", "full"] = "normal"
+    ) -> None:
+        """:param sync: SQLite ``synchronous`` in WAL mode. ``normal``: a commit is in the WAL
+        (the OS has it) when it returns, so it survives the process being killed; a power loss
+        may undo the last ones, never corrupt the file. ``full``: fsync per commit as well."""
+        if sync not in ("normal", "full"):
+            raise ValueError(f"sync must be 'normal' or 'full', not {sync!r}")
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
+        self.sync = sync
         self._local = _Conns()
         self._lock = threading.Lock()
         self._opened: list[sqlite3.Connection] = []
@@ -324,7 +332,7 @@ class JobStore:
     def _setup(self, conn: sqlite3.Connection) -> None:
         """Connection pragmas; WAL mode (persistent in the file) and the tables once per store."""
         conn.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_MS}")
-        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(f"PRAGMA synchronous = {self.sync.upper()}")
         with self._lock:
             if not self._schema_ready:
                 conn.execute("PRAGMA journal_mode = WAL")
@@ -472,14 +480,14 @@ class JobStore:
     def _insert_queued(
         self, conn: sqlite3.Connection, job: Job, request: str, event: BaseCloudEvent
     ) -> tuple[Job, bool]:
-        row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
-        if row is not None:
-            return _job(row), False
         cur = conn.execute(
             "INSERT INTO jobs (job_uuid, digest, request, state, scheduled_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_uuid) DO NOTHING",
             (job.job_uuid, job.digest, request, QUEUED, job.scheduled_at, time.time()),
         )
+        if cur.rowcount == 0:  # stored already (a redelivery): look only then
+            row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
+            return _job(row), False
         self._add_event(conn, event, reply=True)
         return replace(job, seq=cur.lastrowid or 0), True
 

@@ -98,6 +98,46 @@ def test_same_job_uuid_with_different_content_is_400(client, dataset):
     assert "job_uuid 'job-c' was already requested with different content" in r.json["message"]
 
 
+def test_redelivery_is_answered_even_when_a_new_request_would_be_refused(client, dataset):
+    """The first delivery's answer stands: a dataset gone since then refuses only new jobs."""
+    m = requested_message(request_data("job-gone", dataset))
+    first = client.post("/", headers=m.headers, data=m.body)
+    assert first.status_code == 200
+    dataset.unlink()
+    again = client.post("/", headers=m.headers, data=m.body)
+    assert (again.status_code, again.data) == (200, first.data)
+    other = requested_message(request_data("job-new", dataset))
+    r = client.post("/", headers=other.headers, data=other.body)
+    assert r.status_code == 400
+    assert f"dataset.uri: file {str(dataset)!r} does not exist" in r.json["message"], r.json
+
+
+def test_a_resolved_model_is_reused_and_a_missing_one_is_looked_up_again(
+    make_app, env, dataset, tmp_path, monkeypatch
+):
+    import pipelines.staging
+
+    lookups: list[str] = []
+    real = pipelines.staging.resolve_model_uri
+
+    def counting(model: str, store: str) -> str:
+        lookups.append(model)
+        return real(model, store)
+
+    monkeypatch.setattr(pipelines.staging, "resolve_model_uri", counting)
+    store = tmp_path / "models"
+    store.mkdir()
+    client = make_app(env, KFP_TRAINER_MODEL_STORE=str(store)).test_client()
+    for i in range(2):  # not there yet: each request looks again
+        m = requested_message(request_data(f"miss-{i}", dataset))
+        assert client.post("/", headers=m.headers, data=m.body).status_code == 400
+    (store / "llama3.2-tiny").mkdir()  # uploaded now: the next request finds it
+    for i in range(3):
+        m = requested_message(request_data(f"hit-{i}", dataset))
+        assert client.post("/", headers=m.headers, data=m.body).status_code == 200
+    assert lookups == ["llama3.2-tiny"] * 3
+
+
 # -- every class of bad request --------------------------------------------------------------
 
 JOB = "io.llamastack.posttraining.job.requested"

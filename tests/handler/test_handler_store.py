@@ -130,3 +130,23 @@ def test_an_unopenable_store_is_unavailable(tmp_path):
     store = JobStore(blocker / "h.sqlite3")
     with pytest.raises(StoreUnavailable, match="cannot be opened"):
         store.ping()
+
+
+@pytest.mark.parametrize(("sync", "pragma"), [("normal", 1), ("full", 2)])
+def test_sync_setting_reaches_every_connection(tmp_path, sync, pragma):
+    from handler.service import create_service
+    from handler.settings import HandlerSettings
+
+    settings = HandlerSettings.from_env(
+        {"KFP_TRAINER_STATE_DIR": str(tmp_path), "KFP_TRAINER_DB_SYNC": sync}
+    )
+    store = create_service(settings).store
+    assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == pragma
+    store.close()
+
+
+def test_an_unknown_sync_setting_is_refused_by_name():
+    from handler.settings import HandlerSettings, SettingsError
+
+    with pytest.raises(SettingsError, match=r"KFP_TRAINER_DB_SYNC='off': expected 'normal' or"):
+        HandlerSettings.from_env({"KFP_TRAINER_DB_SYNC": "off"})
