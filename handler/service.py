@@ -356,8 +356,8 @@ class HandlerService:
         return self._scheduled_reply(job)
 
     def _scheduled_reply(self, job: Job) -> Reply:
-        stored = self.store.event(contract.event_id(job.job_uuid, contract.JOB_SCHEDULED))
-        if stored is None:  # cannot happen: the job and its event are one transaction
+        stored = self.store.scheduled_event(job.job_uuid)
+        if stored is None:  # cannot happen: the job and its event are one row
             raise StoreUnavailable(f"job {job.job_uuid} has no job.scheduled event")
         return event_reply(contract.event_from_dict(stored))
 

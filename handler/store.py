@@ -25,7 +25,7 @@ from typing import Any, Final, Literal
 
 from cloudevents.core.base import BaseCloudEvent
 
-from handler.contract import JSON_FORMAT, JobStatus
+from handler.contract import JOB_SCHEDULED, JSON_FORMAT, JobStatus, event_id
 
 QUEUED: Final = "queued"
 STARTING: Final = "starting"  # claimed by a worker, submit in flight
@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     backend_state TEXT,
     submit_attempts INTEGER NOT NULL DEFAULT 0,
     next_submit_at REAL NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    reply TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -199,7 +200,7 @@ class OutboxRow:
 class _Group:
     """Job inserts that share one transaction (see :meth:`JobStore.insert_job`)."""
 
-    items: list[tuple[Job, str, BaseCloudEvent]] = field(default_factory=list)
+    items: list[tuple[Job, str, BaseCloudEvent, str]] = field(default_factory=list)
     results: list[tuple[Job, bool]] = field(default_factory=list)
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -337,6 +338,9 @@ class JobStore:
             if not self._schema_ready:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.executescript(_SCHEMA)
+                columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+                if "reply" not in columns:  # a store written before replies lived in jobs
+                    conn.execute("ALTER TABLE jobs ADD COLUMN reply TEXT")
                 self._schema_ready = True
             if conn not in self._opened:
                 self._opened.append(conn)
@@ -432,8 +436,10 @@ class JobStore:
         """Queue ``job`` (from :func:`new_job`) with its job.scheduled ``event``, unless a job
         with that job_uuid is stored already, which is returned instead.
 
-        The event is built before the transaction, so the write lock is held for the inserts
-        only. It travels as the HTTP reply, so its outbox row is born sink-delivered.
+        The event is built before the transaction, so the write lock is held for the insert
+        only. It travels as the HTTP reply and is kept in the job's row (a redelivery gets it
+        again); it joins the outbox only when in-process subscribers still need it. Without
+        them, queueing a job is one INSERT: its own transaction.
 
         Group commit: inserts from several threads of this process (gunicorn's gthread worker)
         that arrive while the write lock is taken share the next transaction, and so one
@@ -442,7 +448,7 @@ class JobStore:
 
         :return: (the stored job, whether it was created now)
         """
-        item = (job, _dumps(job.request), event)
+        item = (job, _dumps(job.request), event, JSON_FORMAT.write(event).decode())
         with self._group_lock:
             batch = self._group
             leader = batch is None
@@ -467,6 +473,12 @@ class JobStore:
             with self._writer():
                 with self._group_lock:
                     self._group = None  # later arrivals form the next group
+                if len(batch.items) == 1 and self.born_delivered(reply=True):
+                    # One INSERT is its own transaction: no BEGIN and COMMIT round trips.
+                    conn, item = self._conn(), batch.items[0]
+                    insert = lambda: self._insert_queued(conn, *item)  # noqa: E731
+                    batch.results = [self._retrying("is not writable now", insert)]
+                    return
                 with self._tx_locked() as conn:
                     batch.results = [self._insert_queued(conn, *item) for item in batch.items]
         except BaseException as exc:
@@ -478,17 +490,18 @@ class JobStore:
             batch.done.set()
 
     def _insert_queued(
-        self, conn: sqlite3.Connection, job: Job, request: str, event: BaseCloudEvent
+        self, conn: sqlite3.Connection, job: Job, request: str, event: BaseCloudEvent, reply: str
     ) -> tuple[Job, bool]:
         cur = conn.execute(
-            "INSERT INTO jobs (job_uuid, digest, request, state, scheduled_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_uuid) DO NOTHING",
-            (job.job_uuid, job.digest, request, QUEUED, job.scheduled_at, time.time()),
+            "INSERT INTO jobs (job_uuid, digest, request, state, scheduled_at, updated_at, reply)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_uuid) DO NOTHING",
+            (job.job_uuid, job.digest, request, QUEUED, job.scheduled_at, time.time(), reply),
         )
         if cur.rowcount == 0:  # stored already (a redelivery): look only then
             row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
             return _job(row), False
-        self._add_event(conn, event, reply=True)
+        if not self.born_delivered(reply=True):  # in-process subscribers still need it
+            self._add_event(conn, event, reply=True, encoded=reply)
         return replace(job, seq=cur.lastrowid or 0), True
 
     def insert_adopted(self, job: Job, event: BaseCloudEvent) -> tuple[Job, bool]:
@@ -504,9 +517,10 @@ class JobStore:
             row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
             if row is not None:
                 return _job(row), False
+            reply = JSON_FORMAT.write(event).decode()
             conn.execute(
                 "INSERT INTO jobs (job_uuid, digest, request, state, run_id, owner, scheduled_at,"
-                " started_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " started_at, updated_at, reply) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.job_uuid,
                     job.digest,
@@ -517,11 +531,21 @@ class JobStore:
                     job.scheduled_at,
                     job.started_at,
                     time.time(),
+                    reply,
                 ),
             )
-            self._add_event(conn, event, reply=True)
+            self._add_event(conn, event, reply=True, encoded=reply)
             row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
             return _job(row), True
+
+    def scheduled_event(self, job_uuid: str) -> dict[str, Any] | None:
+        """The job.scheduled a job was accepted with (structured-mode dict): what a redelivered
+        request is answered with again, byte for byte."""
+        rows = self._read("SELECT reply FROM jobs WHERE job_uuid = ?", (job_uuid,))
+        if rows and rows[0]["reply"]:
+            return json.loads(rows[0]["reply"])
+        # A store written before replies lived in the job row kept it in the outbox only.
+        return self.event(event_id(job_uuid, JOB_SCHEDULED))
 
     def job(self, job_uuid: str) -> Job | None:
         rows = self._read("SELECT * FROM jobs WHERE job_uuid = ?", (job_uuid,))
@@ -666,9 +690,15 @@ class JobStore:
     # -- outbox --------------------------------------------------------------------------------
 
     def _add_event(
-        self, conn: sqlite3.Connection, event: BaseCloudEvent, *, reply: bool = False
+        self,
+        conn: sqlite3.Connection,
+        event: BaseCloudEvent,
+        *,
+        reply: bool = False,
+        encoded: str | None = None,
     ) -> None:
-        """Add an emitted event; ``reply``: it travels as the HTTP reply, not to the sink."""
+        """Add an emitted event; ``reply``: it travels as the HTTP reply, not to the sink;
+        ``encoded``: its structured-mode JSON, when the caller has it already."""
         subject = event.get_subject() or ""
         sink_done, local_done = self._born_done(reply)
         conn.execute(
@@ -679,7 +709,7 @@ class JobStore:
                 event.get_id(),
                 subject,
                 event.get_type(),
-                JSON_FORMAT.write(event).decode(),  # structured mode: what event() decodes
+                encoded or JSON_FORMAT.write(event).decode(),  # structured mode, as event() reads
                 time.time(),
                 int(sink_done),
                 int(local_done),

@@ -150,3 +150,31 @@ def test_an_unknown_sync_setting_is_refused_by_name():
 
     with pytest.raises(SettingsError, match=r"KFP_TRAINER_DB_SYNC='off': expected 'normal' or"):
         HandlerSettings.from_env({"KFP_TRAINER_DB_SYNC": "off"})
+
+
+def test_queueing_without_subscribers_is_one_row_and_keeps_the_reply(tmp_path):
+    store = JobStore(tmp_path / "h.sqlite3")
+    store.sink_delivery = store.local_delivery = False  # HTTP mode, no K_SINK
+    _queue(store, 2)
+    assert store.events() == []  # nobody else needs job.scheduled: no outbox row
+    assert store.scheduled_event("job-1")["id"] == "job-1/job.scheduled"
+    store.close()
+
+
+def test_a_store_from_before_replies_lived_in_jobs_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "h.sqlite3"
+    old = JobStore(db)  # with subscribers: job.scheduled is in the outbox too
+    _queue(old, 1, "old")
+    old.close()
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE jobs DROP COLUMN reply")  # the layout before the column
+    conn.close()
+
+    store = JobStore(db)
+    assert store.scheduled_event("old-0")["id"] == "old-0/job.scheduled"  # from the outbox
+    store.sink_delivery = store.local_delivery = False
+    _queue(store, 1, "new")
+    assert store.scheduled_event("new-0")["id"] == "new-0/job.scheduled"
+    store.close()
