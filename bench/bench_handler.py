@@ -1,17 +1,24 @@
 """Ingress benchmark: the handler under gunicorn vs a bare Flask app that only parses the event.
 
-Both run under the same gunicorn config (handler/gunicorn_conf.py: same workers, threads,
-access log) on 127.0.0.1; the handler uses the no-op backend (KFP_TRAINER_BACKEND=noop, so
-nothing trains) over a fresh SQLite store. A bounded load generator (client processes x
-threads, a fixed number of requests, new connection per request) posts binary-mode
-job.requested events with unique job_uuids, alternating rounds between the two servers (each
-round starts once the previous server is idle again), and prints req/s, p50 and p99 for each
-and the ratio. Targets: >= 0.9x the bare app, p99 <= 20 ms
-at 2 workers. The handler's backend is chosen by configuration: ``hold`` (accept, never start:
-the ingress path alone) or ``noop`` (start and complete every job at once). Run by hand:
+Every app runs under the same gunicorn config (handler/gunicorn_conf.py: same workers, threads,
+access log) on 127.0.0.1, in one run:
+
+- ``bare``: Flask that parses the CloudEvent with the SDK and answers 200 (the baseline);
+- ``checks``: bare plus the handler's own checks (contract schema, ``check_request``), answering
+  200 with no reply and storing nothing: the floor of any handler that validates on ingress;
+- ``handler``: the real app (``KFP_TRAINER_DB_SYNC=normal``, the default) over a fresh store;
+- ``handler-full``: the same with ``KFP_TRAINER_DB_SYNC=full`` (an fsync per accepted request).
+
+The handler's backend is chosen by configuration: ``hold`` (accept, never start: the ingress
+path alone, the default) or ``noop`` (start and complete every job at once). A bounded load
+generator (client processes x threads, a fixed number of requests, new connection per request)
+posts binary-mode job.requested events with unique job_uuids, rounds alternating between the
+apps (each round starts once the previous app is idle again). It prints req/s, p50, p99 and
+worker CPU per request for each, and each one's ratio to ``bare``. Targets (issue 3): handler
+>= 0.9x bare, p99 <= 20 ms at 2 workers. Run by hand:
 
     .venv/bin/python bench/bench_handler.py [--backend hold|noop] [--requests 2000]
-        [--workers 2] [--clients 2x2] [--logs DIR]
+        [--workers 2] [--threads 1] [--clients 2x2] [--logs DIR]
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,25 +47,45 @@ from tests.support.jobs import job_request  # noqa: E402
 JOB_REQUESTED = "io.llamastack.posttraining.job.requested"
 
 
+def _app(name: str, receive: Callable[[], tuple[str, int]]) -> Any:
+    from flask import Flask
+
+    app = Flask(name)
+    app.add_url_rule("/", "receive", receive, methods=["POST"])
+    app.add_url_rule("/healthz", "healthz", lambda: {"status": "ok"})
+    return app
+
+
 def create_bare_app() -> Any:
     """The baseline: Flask that parses the CloudEvent (same SDK binding) and answers 200."""
     from cloudevents.core.bindings.http import HTTPMessage, from_http
     from cloudevents.core.formats.json import JSONFormat
-    from flask import Flask, request
+    from flask import request
 
-    app = Flask("bare")
     fmt = JSONFormat()
 
-    @app.post("/")
     def receive() -> tuple[str, int]:
         from_http(HTTPMessage(dict(request.headers.items()), request.get_data()), fmt)
         return "", 200
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    return _app("bare", receive)
 
-    return app
+
+def create_checks_app() -> Any:
+    """bare plus the handler's ingress checks (schema, pipeline limits); no store, no reply."""
+    from cloudevents.core.bindings.http import HTTPMessage, from_http
+    from flask import request
+
+    from handler import contract
+    from pipelines.validation import check_request
+
+    def receive() -> tuple[str, int]:
+        message = HTTPMessage(dict(request.headers.items()), request.get_data())
+        event = contract.parse_event(from_http(message, contract.JSON_FORMAT))
+        problems = check_request(event.data)
+        return ("; ".join(problems), 400) if problems else ("", 200)
+
+    return _app("checks", receive)
 
 
 def _request_body(job_uuid: str, dataset: str) -> bytes:
@@ -236,7 +264,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clients", default="2x2", help="PROCESSESxTHREADS of the load generator")
-    parser.add_argument("--logs", type=Path, help="keep both servers' JSON logs in this directory")
+    parser.add_argument("--logs", type=Path, help="keep every server's JSON log in this directory")
     parser.add_argument(
         "--backend",
         default="hold",
@@ -263,53 +291,61 @@ def main() -> int:
             "K_SINK": "",
             **dict(item.split("=", 1) for item in args.env),
         }
-        handler = Server(
-            "handler:create_app()", env, base / "handler.log", args.workers, args.threads
-        )
-        bare = Server(
-            "bench_handler:create_bare_app()", {}, base / "bare.log", args.workers, args.threads
-        )
+        apps = {
+            "bare": ("bench_handler:create_bare_app()", {}),
+            "checks": ("bench_handler:create_checks_app()", {}),
+            "handler": ("handler:create_app()", {**env, "KFP_TRAINER_DB_SYNC": "normal"}),
+            "handler-full": (
+                "handler:create_app()",
+                {**env, "KFP_TRAINER_DB_SYNC": "full", "KFP_TRAINER_STATE_DIR": str(base / "full")},
+            ),
+        }
+        servers: dict[str, Server] = {}
+        stats = {name: {"rps": [], "lat": [], "cpu": []} for name in apps}
         try:
-            # Warm both (imports, schema cache, first connections).
-            run_load(handler.port, "warm", 100, procs, threads, str(dataset))
-            run_load(bare.port, "warm", 100, procs, threads, str(dataset))
-            stats: dict[str, dict[str, list[float]]] = {
-                "handler": {"rps": [], "lat": []},
-                "bare": {"rps": [], "lat": []},
-            }
+            for name, (app, app_env) in apps.items():
+                servers[name] = Server(
+                    app, app_env, base / f"{name}.log", args.workers, args.threads
+                )
+            for server in servers.values():  # warm: imports, schema cache, connections
+                run_load(server.port, "warm", 100, procs, threads, str(dataset))
+                server.settle()
             for r in range(args.rounds):
-                for name, server in (("handler", handler), ("bare", bare)):
+                for name, server in servers.items():
+                    cpu = server.cpu_s()
                     rps, lat = run_load(
                         server.port, f"r{r}", args.requests, procs, threads, str(dataset)
                     )
+                    stats[name]["cpu"].append((server.cpu_s() - cpu) / args.requests * 1e6)
                     stats[name]["rps"].append(rps)
                     stats[name]["lat"].extend(lat)
                     server.settle()
         finally:
-            handler.stop()
-            bare.stop()
+            for server in servers.values():
+                server.stop()
             if args.logs:
                 args.logs.mkdir(parents=True, exist_ok=True)
-                for name in ("handler.log", "bare.log"):
-                    (args.logs / name).write_bytes((base / name).read_bytes())
+                for name in servers:
+                    log = f"{name}.log"
+                    (args.logs / log).write_bytes((base / log).read_bytes())
 
     print(
         f"gunicorn workers={args.workers} threads={args.threads}; backend {args.backend}; load "
         f"{procs} processes x {threads} threads; {args.rounds} rounds x {args.requests} requests"
     )
-    rows = {}
-    for name in ("handler", "bare"):
-        rps = statistics.median(stats[name]["rps"])
-        lat = stats[name]["lat"]
-        rows[name] = (rps, _pct(lat, 0.5), _pct(lat, 0.99))
-        _, p50, p99 = rows[name]
-        print(f"{name:8s} {rps:8.1f} req/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms")
-    ratio = rows["handler"][0] / rows["bare"][0]
-    p99 = rows["handler"][2]
+    bare_rps = statistics.median(stats["bare"]["rps"])
     print(
-        f"ratio handler/bare: {ratio:.2f}x (target >= 0.90x); "
-        f"handler p99 {p99:.2f} ms (target <= 20 ms)"
+        f"{'app':13s} {'req/s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} {'cpu us/req':>10s} {'ratio':>6s}"
     )
+    for name, st in stats.items():
+        rps = statistics.median(st["rps"])
+        print(
+            f"{name:13s} {rps:8.1f} {_pct(st['lat'], 0.5):7.2f} {_pct(st['lat'], 0.99):7.2f} "
+            f"{statistics.median(st['cpu']):10.0f} {rps / bare_rps:5.2f}x"
+        )
+    ratio = statistics.median(stats["handler"]["rps"]) / bare_rps
+    p99 = _pct(stats["handler"]["lat"], 0.99)
+    print(f"targets: handler >= 0.90x bare (got {ratio:.2f}x), p99 <= 20 ms (got {p99:.2f} ms)")
     return 0
 
 
