@@ -77,6 +77,9 @@ class RemoteSettings:
     s3_prefix: str = "llama-stack-post-training"  # S3_PREFIX
     s3_secret_name: str = "kfp-trainer-s3"  # KFP_TRAINER_S3_SECRET: mounted into the task
     notify_url: str = ""  # KFP_TRAINER_NOTIFY_URL: where the exit handler posts run.finished
+    # KFP_TRAINER_NOTIFY_WINDOW_S: how long the exit task retries its notice. Longer than two
+    # PingSource periods, so a handler replaced meanwhile adopts the still unfinished run.
+    notify_window_s: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RemoteSettings:
@@ -93,6 +96,7 @@ class RemoteSettings:
             s3_prefix=env.get("S3_PREFIX", cls.s3_prefix),
             s3_secret_name=env.get("KFP_TRAINER_S3_SECRET", cls.s3_secret_name),
             notify_url=env.get("KFP_TRAINER_NOTIFY_URL", ""),
+            notify_window_s=_float(env, "KFP_TRAINER_NOTIFY_WINDOW_S", cls.notify_window_s),
         )
 
 
@@ -218,6 +222,7 @@ ENV_VARS = (
     "S3_PREFIX",
     "KFP_TRAINER_S3_SECRET",
     "KFP_TRAINER_NOTIFY_URL",
+    "KFP_TRAINER_NOTIFY_WINDOW_S",
 )
 
 __all__ = ["ENV_VARS", "DbSync", "HandlerSettings", "Mode", "RemoteSettings", "SettingsError"]

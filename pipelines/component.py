@@ -50,6 +50,7 @@ def notify(
     notify_event_type: str,
     run_id: str,
     status: dsl.PipelineTaskFinalStatus,
+    notify_window_s: float = 300.0,
 ):
     """Exit task: POST a run-finished CloudEvent (when notify_url is set), whatever happened."""
     from pipelines.notify import post_run_finished
@@ -61,6 +62,7 @@ def notify(
         run_id,
         status.state,
         status.error_message or None,
+        window_s=notify_window_s,
     )
 
 

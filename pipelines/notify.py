@@ -1,8 +1,11 @@
 """The exit task's run-finished notice: one binary-mode CloudEvent POSTed to ``notify_url``.
 
 The notice is a hint (the receiver re-reads the run before acting), so a delivery failure is
-logged, retried a few times with a bounded backoff and then given up on. It never fails the
-pipeline: a missed notice is covered by the receiver's periodic reconcile.
+logged and retried with a capped exponential backoff for ``window_s`` (default five minutes),
+then given up on. It never fails the pipeline. The window is what makes a notice survive a
+handler being replaced: the run stays unfinished while its exit task retries, so the new
+handler's PingSource ticks (every two minutes) adopt it even when the notice never gets
+through, and then announce its end.
 """
 
 from __future__ import annotations
@@ -48,10 +51,14 @@ def post_run_finished(
     state: str,
     error: str | None,
     *,
-    attempts: int = 4,
+    window_s: float = 300.0,
     timeout_s: float = 10.0,
 ) -> bool:
-    """POST the notice; True when the receiver accepted it (2xx). Never raises."""
+    """POST the notice; True when the receiver accepted it (2xx). Never raises.
+
+    Retries what a receiver may take later (no answer, 404, 408, 409, 429, 5xx) until
+    ``window_s`` has passed; any other refusal is final.
+    """
     from pipelines import logs
 
     logs.configure(os.environ.get("KFP_TRAINER_LOG_LEVEL", "INFO"))
@@ -62,8 +69,11 @@ def post_run_finished(
 
     body = json.dumps(notice(job_uuid, run_id, state, error)).encode()
     hdrs = headers(event_type, job_uuid)
+    deadline = time.monotonic() + window_s
     delay = 0.5
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             resp = requests.post(notify_url, data=body, headers=hdrs, timeout=timeout_s)
             if resp.status_code < 300:
@@ -95,10 +105,18 @@ def post_run_finished(
                 error=str(exc),
                 attempt=attempt,
             )
-        if attempt < attempts:
-            time.sleep(delay)
-            delay = min(delay * 2, 8.0)
-    return False
+        if time.monotonic() + delay > deadline:
+            event(
+                log,
+                "run-finished notice given up",
+                level=logging.WARNING,
+                job_uuid=job_uuid,
+                attempts=attempt,
+                window_s=window_s,
+            )
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 15.0)
 
 
 __all__ = ["SOURCE", "headers", "notice", "post_run_finished"]

@@ -35,6 +35,7 @@ def pipeline_arguments(
     result_uri: str = "",
     notify_url: str = "",
     notify_event_type: str = "",
+    notify_window_s: float | None = None,
 ) -> dict[str, Any]:
     """The run parameters for a job request (``model_artifact.uri`` must be resolved).
 
@@ -69,6 +70,8 @@ def pipeline_arguments(
         "notify_url": notify_url,
         "notify_event_type": notify_event_type,
     }
+    if notify_window_s is not None:
+        args["notify_window_s"] = float(notify_window_s)
     if request.get("checkpoint_format"):
         args["checkpoint_format"] = request["checkpoint_format"]
     return args
@@ -141,12 +144,14 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
         result_uri: str = "",
         notify_url: str = "",
         notify_event_type: str = "",
+        notify_window_s: float = 300.0,
         cache_dir: str = settings.task_cache_dir,
     ) -> None:
         notify = notify_op(
             job_uuid=job_uuid,
             notify_url=notify_url,
             notify_event_type=notify_event_type,
+            notify_window_s=notify_window_s,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         ).set_caching_options(False)
         notify.set_display_name(NOTIFY_TASK)

@@ -160,6 +160,7 @@ class RemoteBackend:
             result_uri=s3.result_uri(self.remote, request["job_uuid"]),
             notify_url=self.remote.notify_url,
             notify_event_type=RUN_FINISHED if self.remote.notify_url else "",
+            notify_window_s=self.remote.notify_window_s,
         )
 
     def _check(self, request: dict[str, Any]) -> None:

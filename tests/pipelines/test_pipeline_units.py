@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -586,11 +587,13 @@ def test_tiny_model_cli(tmp_path: Path) -> None:
 class _Receiver(QuietHandler):
     got: list = []
     status = 202
+    first: list = []  # statuses to answer before ``status``, in order
 
     def do_POST(self) -> None:  # noqa: N802
         body = self.read_body()
-        type(self).got.append((dict(self.headers), json.loads(body)))
-        self.send_response(type(self).status)
+        cls = type(self)
+        cls.got.append((dict(self.headers), json.loads(body)))
+        self.send_response(cls.first.pop(0) if cls.first else cls.status)
         self.end_headers()
 
 
@@ -598,6 +601,7 @@ class _Receiver(QuietHandler):
 def receiver():
     class Handler(_Receiver):
         got: list = []
+        first: list = []
 
     with LoopbackHTTPServer(Handler) as server:
         yield f"{server.url}/notify", Handler
@@ -620,10 +624,32 @@ def test_notice_is_a_binary_cloudevent(receiver) -> None:
 def test_notice_gives_up_quietly_when_nobody_listens() -> None:
     from pipelines.notify import post_run_finished
 
+    started = time.monotonic()
     assert not post_run_finished(
-        "http://127.0.0.1:9/none", "t", "j", "", "SUCCEEDED", None, attempts=2, timeout_s=1
+        "http://127.0.0.1:9/none", "t", "j", "", "SUCCEEDED", None, window_s=1, timeout_s=1
     )
+    assert time.monotonic() - started < 5
     assert not post_run_finished("", "t", "j", "", "SUCCEEDED", None)
+
+
+def test_notice_is_retried_until_the_receiver_takes_it(receiver) -> None:
+    """A handler being replaced answers 503 (or nothing) for a while: the notice waits it out."""
+    from pipelines.notify import post_run_finished
+
+    url, handler = receiver
+    handler.first = [503, 404]
+    assert post_run_finished(url, "t", "job-r", "run-1", "SUCCEEDED", None, window_s=30)
+    assert len(handler.got) == 3
+
+
+def test_notice_refused_for_good_is_not_retried(receiver) -> None:
+    from pipelines.notify import post_run_finished
+
+    url, handler = receiver
+    handler.status = 400
+    started = time.monotonic()
+    assert not post_run_finished(url, "t", "job-r", "run-1", "SUCCEEDED", None, window_s=30)
+    assert len(handler.got) == 1 and time.monotonic() - started < 5
 
 
 # ---------------------------------------------------------------- compiled spec
@@ -667,8 +693,10 @@ def test_compiled_spec_carries_the_settings(tmp_path: Path) -> None:
         "result_uri",
         "notify_url",
         "notify_event_type",
+        "notify_window_s",
     ):
         assert name in params, name
+    assert params["notify_window_s"]["defaultValue"] == 300.0
     assert params["cache_dir"]["defaultValue"] == "/var/cache/kfp-trainer"
     train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
     assert train["image"] == "registry.example/trainer:7"
@@ -703,8 +731,13 @@ def test_pipeline_arguments_carry_uris_not_rows(tmp_path: Path, tiny_model: Path
         checkpoint_format="huggingface",
     )
     args = pipeline_arguments(
-        request, result_uri="s3://b/jobs/job-a/", notify_url="http://x", notify_event_type="t"
+        request,
+        result_uri="s3://b/jobs/job-a/",
+        notify_url="http://x",
+        notify_event_type="t",
+        notify_window_s=60,
     )
+    assert args["notify_window_s"] == 60.0
     assert args["dataset_uri"] == str(data) and args["validation_dataset_uri"] == str(data)
     assert args["model_uri"] == str(tiny_model) and args["checkpoint_format"] == "huggingface"
     assert "plus" not in json.dumps(args)  # no row content anywhere in the parameters

@@ -116,6 +116,8 @@ def remote_setup(
         "KFP_TRAINER_CACHE_DIR": str(tmp / "model-cache"),
         "KFP_TRAINER_DELIVERY_BACKOFF_S": "0.1",
         "KFP_TRAINER_DELIVERY_BACKOFF_MAX_S": "1",
+        # A notice to a handler that is gone gives up soon (tests that need more say so).
+        "KFP_TRAINER_NOTIFY_WINDOW_S": "3",
     }
     return remote, token_file, env
 

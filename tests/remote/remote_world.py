@@ -21,8 +21,8 @@ from tests.support.http_client import ce_headers, curl, header_args
 class RemoteHandler(GunicornProcess):
     """gunicorn serving the handler in remote mode on 127.0.0.1; ``start()`` runs it."""
 
-    def __init__(self, env: dict[str, str], log: Path, workers: int = 2) -> None:
-        super().__init__(log, ready_path="/healthz", own_session=True)
+    def __init__(self, env: dict[str, str], log: Path, workers: int = 2, port: int = 0) -> None:
+        super().__init__(log, ready_path="/healthz", own_session=True, port=port)
         self.base = {
             **os.environ,
             "GUNICORN_WORKERS": str(workers),

@@ -45,20 +45,29 @@ class World:
         self.lives = 0
         self.handler = self._start()
 
-    def _start(self) -> RemoteHandler:
+    def _start(self, port: int = 0) -> RemoteHandler:
         self.lives += 1
         log = self.tmp / f"handler-{self.lives}.log"
-        return RemoteHandler(self.env, log, workers=2).start()
+        return RemoteHandler(self.env, log, workers=2, port=port).start()
 
-    def restart_with_a_fresh_store(self) -> RemoteHandler:
-        """Stop the handler, delete its store (the container is replaced), start it again."""
+    def stop_and_lose_the_store(self) -> int:
+        """Stop the handler and delete its store (the container is gone); returns its port."""
         self.handler.stop()
         assert (self.state_dir / "handler.sqlite3").exists()
         shutil.rmtree(self.state_dir)
-        self.handler = self._start()
+        return self.handler.port
+
+    def start_with_a_fresh_store(self, port: int = 0) -> RemoteHandler:
+        """Start a handler on ``port`` (0: a new one; a Service keeps its own) with no store."""
+        self.handler = self._start(port)
         status, body = self.get("/jobs")
         assert status == 200 and body["jobs"] == [], body
         return self.handler
+
+    def restart_with_a_fresh_store(self) -> RemoteHandler:
+        """Stop the handler, delete its store (the container is replaced), start it again."""
+        self.stop_and_lose_the_store()
+        return self.start_with_a_fresh_store()
 
     def get(self, path: str) -> tuple[int, dict]:
         from tests.support.http_client import curl
@@ -70,6 +79,9 @@ class World:
         runs = fx.runs_named(self.standin, job_uuid)
         assert len(runs) == 1, runs
         return runs[0]
+
+    def run_log(self, run: dict) -> str:
+        return self.standin.state.run_log(run["run_id"])
 
     def wait_run_state(self, job_uuid: str, states: tuple[str, ...], timeout: float) -> dict:
         def reached() -> dict | None:
@@ -213,3 +225,32 @@ def test_a_job_neither_the_store_nor_kfp_knows_is_a_clear_400(world):
     assert status == 400, body
     assert json.loads(body)["message"].endswith("remote backend has it; no run to reconcile")
     assert world.sink.of("ra-never") == []
+
+
+def test_a_run_that_ends_while_the_handler_is_down_is_announced_once_it_is_back(world):
+    """A rollout: the container is replaced just as a run ends. The exit task keeps retrying
+    its notice at the Service's (unchanged) URL, so the new container, with an empty store,
+    learns of the run from the notice itself, re-adopts it and announces its end."""
+    world.env["KFP_TRAINER_NOTIFY_WINDOW_S"] = "120"  # what runs submitted now are given
+    try:
+        world.restart_with_a_fresh_store()
+        world.submit("ra-down", n_epochs=3)
+        port = world.stop_and_lose_the_store()
+
+        def notice_waiting() -> dict | None:
+            run = world.run_of("ra-down")
+            return run if "run-finished notice not delivered" in world.run_log(run) else None
+
+        run = wait_for(notice_waiting, RUN_TIMEOUT_S, "the run's notice to find nobody", every=0.5)
+        time.sleep(8)  # the Service stays down longer than the other tests' 3 s window
+        assert world.run_of("ra-down")["state"] == "RUNNING"  # its exit task is still trying
+        world.start_with_a_fresh_store(port)
+        completed = world.event("ra-down", "job.completed", timeout=90)
+        assert completed["id"] == "ra-down/job.completed"
+        assert completed["data"]["run_id"] == run["run_id"]
+        assert completed["data"]["checkpoints"], completed["data"]
+        run = world.wait_run_state("ra-down", ("SUCCEEDED",), 60)
+        assert "run-finished notice delivered" in world.run_log(run)
+        assert settle_then_count(world, "ra-down", "job.completed") == 1
+    finally:
+        world.env["KFP_TRAINER_NOTIFY_WINDOW_S"] = "3"

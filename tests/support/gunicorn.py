@@ -38,10 +38,17 @@ class GunicornProcess:
     ``ready_path`` is the route that must answer 200 before it counts as up.
     """
 
-    def __init__(self, log: Path, *, ready_path: str = "/readyz", own_session: bool = False):
+    def __init__(
+        self,
+        log: Path,
+        *,
+        ready_path: str = "/readyz",
+        own_session: bool = False,
+        port: int = 0,
+    ):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))  # 0: a free port; else a stopped one's again
         self.sock.listen(64)
         self.port: int = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
