@@ -72,6 +72,9 @@ class RemoteSettings:
     kfp_token: str = field(default="", repr=False)  # KFP_TOKEN: static bearer token
     sa_token_path: str = ""  # KF_PIPELINES_SA_TOKEN_PATH: in-cluster projected token
     kfp_verify_ssl: bool = True  # KFP_VERIFY_SSL
+    # KFP_CA_BUNDLE: PEM file of the CA(s) the KFP server's certificate chains to (OpenShift:
+    # the service CA, .../serviceaccount/service-ca.crt); empty: the system's trust store.
+    kfp_ca_bundle: str = ""
     s3_endpoint_url: str = ""  # S3_ENDPOINT_URL (MinIO, Ceph, ODF); empty: AWS
     s3_bucket: str = ""  # S3_BUCKET
     s3_prefix: str = "llama-stack-post-training"  # S3_PREFIX
@@ -91,6 +94,7 @@ class RemoteSettings:
             kfp_token=env.get("KFP_TOKEN", ""),
             sa_token_path=env.get("KF_PIPELINES_SA_TOKEN_PATH", ""),
             kfp_verify_ssl=_bool(env, "KFP_VERIFY_SSL", True),
+            kfp_ca_bundle=env.get("KFP_CA_BUNDLE", ""),
             s3_endpoint_url=env.get("S3_ENDPOINT_URL", ""),
             s3_bucket=env.get("S3_BUCKET", ""),
             s3_prefix=env.get("S3_PREFIX", cls.s3_prefix),
@@ -217,6 +221,7 @@ ENV_VARS = (
     "KFP_TOKEN",
     "KF_PIPELINES_SA_TOKEN_PATH",
     "KFP_VERIFY_SSL",
+    "KFP_CA_BUNDLE",
     "S3_ENDPOINT_URL",
     "S3_BUCKET",
     "S3_PREFIX",

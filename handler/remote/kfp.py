@@ -11,6 +11,8 @@ rebuilds the whole client with a token read afresh from its source, then retries
 from __future__ import annotations
 
 import json
+import os
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +96,16 @@ class KfpClient:
             raise KfpAuthError(str(exc)) from None
         config = kfp_server_api.Configuration(host=host.rstrip("/"))
         config.verify_ssl = self._remote.kfp_verify_ssl
+        ca_bundle = self._remote.kfp_ca_bundle
+        if ca_bundle:
+            if not os.path.isfile(ca_bundle):
+                raise BackendUnavailable(
+                    f"KFP_CA_BUNDLE={ca_bundle!r} is not a readable file; mount the CA "
+                    "certificate(s) of the KFP server there, or unset it"
+                )
+            config.ssl_ca_cert = ca_bundle
+        if host.startswith("https://") and not self._remote.kfp_verify_ssl:
+            log.warning("kfp TLS certificate is not verified (KFP_VERIFY_SSL=false)")
         # Retry connecting, never a request that may have reached the server (a POST that
         # created a run must not be sent twice).
         config.retries = urllib3.Retry(total=2, connect=2, read=0, status=0, redirect=0)
@@ -152,7 +164,13 @@ class KfpClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _translate(self, what: str, apis: _Apis, exc: Exception, status: int | None) -> Exception:
-        if status is None:  # no HTTP answer at all: connection refused, DNS, timeout, TLS
+        if status is None and _untrusted_certificate(exc):
+            return BackendUnavailable(
+                f"KFP at {apis.host} presented a TLS certificate this handler does not trust "
+                f"({what}): {_brief(exc)}; set KFP_CA_BUNDLE to the CA that signed it (or, "
+                "for a test server only, KFP_VERIFY_SSL=false)"
+            )
+        if status is None:  # no HTTP answer at all: connection refused, DNS, timeout
             return BackendUnavailable(f"KFP at {apis.host} is unreachable ({what}): {_brief(exc)}")
         if status in (401, 403):
             return KfpAuthError(
@@ -354,6 +372,21 @@ def _reason(exc: Exception) -> str:
         except (ValueError, AttributeError):
             return str(body)[:500]
     return str(getattr(exc, "reason", "") or exc)[:500]
+
+
+def _untrusted_certificate(exc: BaseException) -> bool:
+    """Whether a certificate verification failure is somewhere in ``exc``'s causes."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return True
+        seen.add(id(item))
+        todo += [getattr(item, "reason", None), item.__cause__, item.__context__, *item.args]
+    return False
 
 
 def _brief(exc: Exception) -> str:

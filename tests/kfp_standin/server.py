@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import tempfile
 import threading
 from collections.abc import Callable
@@ -52,11 +53,14 @@ class KfpStandin:
         token: str | None = "standin-token",
         work_dir: Path | None = None,
         port: int = 0,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        """:param tls: (certificate, key) PEM files: serve HTTPS with them instead of HTTP."""
         self._tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="kfp-standin-")
         self.state = KfpState(Path(work_dir or self._tmp.name))  # type: ignore[union-attr]
         self._token = token
         self._port = port
+        self._tls = tls
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status): for assertions
@@ -70,6 +74,10 @@ class KfpStandin:
             return self
         self._server = ThreadingHTTPServer(("127.0.0.1", self._port), _handler_class(self))
         self._server.daemon_threads = True
+        if self._tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self._tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="kfp-standin-http", daemon=True
@@ -107,7 +115,7 @@ class KfpStandin:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._port}"
+        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self._port}"
 
     # ---- what the test controls -------------------------------------------------------------
     def set_token(self, token: str | None) -> None:

@@ -1,4 +1,4 @@
-"""handler.remote.kfp against the stand-in over HTTP: auth sources, 401 rebuild, outages, DSPA."""
+"""handler.remote.kfp against the stand-in: auth sources, 401 rebuild, outages, DSPA, HTTPS."""
 
 from __future__ import annotations
 
@@ -168,3 +168,98 @@ def test_dspa_v1alpha1_is_found_too(tmp_path, monkeypatch):
 def test_no_kubernetes_credentials_says_set_kfp_host():
     with pytest.raises(DiscoveryError, match="set KFP_HOST"):
         discover_host("ns", "dspa")
+
+
+# -- HTTPS -------------------------------------------------------------------------------------
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key, valid for a day: (cert, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kfp-standin")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+@pytest.fixture
+def tls_standin(tmp_path: Path):
+    cert, key = _self_signed(tmp_path)
+    with KfpStandin(token="tls-token", work_dir=tmp_path / "standin", tls=(cert, key)) as server:
+        assert server.url.startswith("https://")
+        yield server, cert
+
+
+def test_https_with_an_untrusted_certificate_says_what_to_set(tls_standin):
+    standin, _ = tls_standin
+    client = KfpClient(RemoteSettings(kfp_host=standin.url, kfp_token="tls-token"))
+    with pytest.raises(BackendUnavailable) as err:
+        client.experiment_id("e")
+    message = str(err.value)
+    assert message.startswith(f"KFP at {standin.url} presented a TLS certificate")
+    assert "certificate verify failed" in message
+    assert "set KFP_CA_BUNDLE to the CA that signed it" in message
+    assert standin.requests == []  # nothing was sent over the unverified connection
+
+
+def test_https_trusting_the_ca_bundle_works(tls_standin):
+    standin, cert = tls_standin
+    remote = RemoteSettings(kfp_host=standin.url, kfp_token="tls-token", kfp_ca_bundle=str(cert))
+    client = KfpClient(remote)
+    exp = client.experiment_id("e")
+    assert client.runs_named(exp, "job-1") == []
+    assert statuses(standin) and set(statuses(standin)) == {200}
+
+
+def test_https_without_verification_works_and_says_so(tls_standin, caplog):
+    standin, _ = tls_standin
+    remote = RemoteSettings(kfp_host=standin.url, kfp_token="tls-token", kfp_verify_ssl=False)
+    from urllib3.exceptions import InsecureRequestWarning
+
+    with caplog.at_level(logging.WARNING, logger="handler"), pytest.warns(InsecureRequestWarning):
+        assert KfpClient(remote).healthz()["multi_user"] is False
+    assert "kfp TLS certificate is not verified (KFP_VERIFY_SSL=false)" in caplog.text
+
+
+def test_a_missing_ca_bundle_is_named(tls_standin, tmp_path):
+    standin, _ = tls_standin
+    missing = tmp_path / "nowhere" / "ca.crt"
+    remote = RemoteSettings(kfp_host=standin.url, kfp_token="t", kfp_ca_bundle=str(missing))
+    with pytest.raises(BackendUnavailable, match=f"KFP_CA_BUNDLE='{missing}' is not a readable"):
+        KfpClient(remote).healthz()
+
+
+def test_kfp_tls_settings_come_from_the_environment():
+    remote = RemoteSettings.from_env({"KFP_VERIFY_SSL": "false", "KFP_CA_BUNDLE": "/ca.pem"})
+    assert (remote.kfp_verify_ssl, remote.kfp_ca_bundle) == (False, "/ca.pem")
