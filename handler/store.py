@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -475,8 +476,7 @@ class JobStore:
                     self._group = None  # later arrivals form the next group
                 if len(batch.items) == 1 and self.born_delivered(reply=True):
                     # One INSERT is its own transaction: no BEGIN and COMMIT round trips.
-                    conn, item = self._conn(), batch.items[0]
-                    insert = lambda: self._insert_queued(conn, *item)  # noqa: E731
+                    insert = partial(self._insert_queued, self._conn(), *batch.items[0])
                     batch.results = [self._retrying("is not writable now", insert)]
                     return
                 with self._tx_locked() as conn:
