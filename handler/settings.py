@@ -11,9 +11,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-from pipelines.settings import PipelineSettings
+from pipelines.settings import NOTIFY_WINDOW_S, PipelineSettings
 
 Mode = Literal["local", "remote"]
 # How hard the job store pushes a commit to disk before the 200 (handler/README.md: Durability).
@@ -80,9 +80,7 @@ class RemoteSettings:
     s3_prefix: str = "llama-stack-post-training"  # S3_PREFIX
     s3_secret_name: str = "kfp-trainer-s3"  # KFP_TRAINER_S3_SECRET: mounted into the task
     notify_url: str = ""  # KFP_TRAINER_NOTIFY_URL: where the exit handler posts run.finished
-    # KFP_TRAINER_NOTIFY_WINDOW_S: how long the exit task retries its notice. Longer than two
-    # PingSource periods, so a handler replaced meanwhile adopts the still unfinished run.
-    notify_window_s: float = 300.0
+    notify_window_s: float = NOTIFY_WINDOW_S  # KFP_TRAINER_NOTIFY_WINDOW_S: notice retry window
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RemoteSettings:
@@ -159,7 +157,7 @@ class HandlerSettings:
                 ) from None
         db = env.get("KFP_TRAINER_DB", "")
         db_sync = env.get("KFP_TRAINER_DB_SYNC", "") or cls.db_sync
-        if db_sync not in ("normal", "full"):
+        if db_sync not in get_args(DbSync):
             raise SettingsError(f"KFP_TRAINER_DB_SYNC={db_sync!r}: expected 'normal' or 'full'")
         return cls(
             mode=mode,  # type: ignore[arg-type]

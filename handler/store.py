@@ -22,11 +22,12 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, get_args
 
 from cloudevents.core.base import BaseCloudEvent
 
 from handler.contract import JOB_SCHEDULED, JSON_FORMAT, JobStatus, event_id
+from handler.settings import DbSync
 
 QUEUED: Final = "queued"
 STARTING: Final = "starting"  # claimed by a worker, submit in flight
@@ -280,13 +281,11 @@ class JobStore:
     I/O). Every ``sqlite3`` failure surfaces as :class:`StoreUnavailable`.
     """
 
-    def __init__(
-        self, path: Path, *, busy_timeout_s: float = 5.0, sync: Literal["normal", "full"] = "normal"
-    ) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0, sync: DbSync = "normal") -> None:
         """:param sync: SQLite ``synchronous`` in WAL mode. ``normal``: a commit is in the WAL
         (the OS has it) when it returns, so it survives the process being killed; a power loss
         may undo the last ones, never corrupt the file. ``full``: fsync per commit as well."""
-        if sync not in ("normal", "full"):
+        if sync not in get_args(DbSync):
             raise ValueError(f"sync must be 'normal' or 'full', not {sync!r}")
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s

@@ -50,7 +50,7 @@ def notify(
     notify_event_type: str,
     run_id: str,
     status: dsl.PipelineTaskFinalStatus,
-    notify_window_s: float = 300.0,
+    notify_window_s: float,
 ):
     """Exit task: POST a run-finished CloudEvent (when notify_url is set), whatever happened."""
     from pipelines.notify import post_run_finished

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from pipelines.logs import event
+from pipelines.settings import NOTIFY_WINDOW_S
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def post_run_finished(
     state: str,
     error: str | None,
     *,
-    window_s: float = 300.0,
+    window_s: float = NOTIFY_WINDOW_S,
     timeout_s: float = 10.0,
 ) -> bool:
     """POST the notice; True when the receiver accepted it (2xx). Never raises.

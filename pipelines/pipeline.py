@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from pipelines.settings import PipelineSettings
+from pipelines.settings import NOTIFY_WINDOW_S, PipelineSettings
 
 PIPELINE_NAME: Final = "llama-stack-lora-finetune"
 TRAIN_TASK: Final = "train"
@@ -144,7 +144,7 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
         result_uri: str = "",
         notify_url: str = "",
         notify_event_type: str = "",
-        notify_window_s: float = 300.0,
+        notify_window_s: float = NOTIFY_WINDOW_S,
         cache_dir: str = settings.task_cache_dir,
     ) -> None:
         notify = notify_op(

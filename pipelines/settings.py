@@ -21,6 +21,9 @@ DEFAULT_BASE_IMAGE: Final = "quay.io/opendatahub/llama-stack-kfp-trainer:latest"
 DEFAULT_CACHE_DIR: Final = Path.home() / ".cache" / "kfp-trainer" / "models"
 # Where the model-cache PVC is mounted in the training pod (remote mode).
 MODEL_CACHE_MOUNT: Final = "/var/cache/kfp-trainer"
+# How long the exit task retries its run-finished notice (pipelines/notify.py): longer than
+# two PingSource periods, so a handler replaced meanwhile still learns of the run.
+NOTIFY_WINDOW_S: Final = 300.0
 
 
 class SettingsError(ValueError):
