@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipelines.data import Turn, read_dataset
+from pipelines.chat_format import IGNORE_INDEX, tokenize
+from pipelines.data import read_dataset
 from pipelines.logs import event
 from pipelines.models import ModelSpec, lookup
 from pipelines.result import RunResult
@@ -31,7 +32,6 @@ from pipelines.validation import require_valid
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -118,25 +118,6 @@ def pick_device_and_dtype(requested: str) -> tuple[Any, Any, str]:
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     )
     return device, dtype, name
-
-
-def _messages(turns: list[Turn], train_on_input: bool) -> list[Any]:
-    from torchtune.data import Message
-
-    return [
-        Message(role=t.role, content=t.content, masked=t.role != "assistant" and not train_on_input)
-        for t in turns
-    ]
-
-
-def tokenize(rows: list[list[Turn]], tokenizer: Any, train_on_input: bool) -> list[dict]:
-    """Token ids and labels (prompt tokens ignored unless train_on_input) per row."""
-    samples = []
-    for turns in rows:
-        tokens, mask = tokenizer.tokenize_messages(_messages(turns, train_on_input))
-        labels = [IGNORE_INDEX if m else t for t, m in zip(tokens, mask, strict=True)]
-        samples.append({"tokens": tokens, "labels": labels})
-    return samples
 
 
 def _peak_memory(device: Any) -> int:
@@ -446,4 +427,4 @@ def run_recipe(
     return trainer.train()
 
 
-__all__ = ["RecipeConfig", "Trainer", "pick_device_and_dtype", "run_recipe", "tokenize"]
+__all__ = ["RecipeConfig", "Trainer", "pick_device_and_dtype", "run_recipe"]

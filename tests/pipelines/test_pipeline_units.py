@@ -883,8 +883,8 @@ def test_recipe_options_train(
 
 
 def test_train_on_input_decides_which_tokens_are_learned(tiny_model: Path, tmp_path: Path) -> None:
+    from pipelines.chat_format import IGNORE_INDEX, tokenize
     from pipelines.modeling import load_tokenizer
-    from pipelines.recipe import IGNORE_INDEX, tokenize
 
     rows = read_dataset(write_rows(tmp_path / "d.jsonl", 2, "dialog"), "dialog")
     tok = load_tokenizer(tiny_model, 256)
