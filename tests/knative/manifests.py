@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import yaml
 
+from tests.knative import schemas
 from tests.support import REPO
 
 KNATIVE_DIR = REPO / "knative"
-SHARED_TOOLS = REPO.parent / "shared" / "tools"
-# Kubernetes version the core kinds are validated against (one kubernetes-validate ships).
-K8S_VERSION = "1.33"
+K8S_VERSION = schemas.K8S_VERSION
 
 
 @dataclass(frozen=True)
@@ -44,22 +40,6 @@ class Doc:
         return f"{self.file}: {self.kind}/{self.name}"
 
 
-@cache
-def validate_knative() -> ModuleType:
-    """shared/tools/validate_knative.py, imported by path (CI has shared/ beside the clone)."""
-    path = SHARED_TOOLS / "validate_knative.py"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: the Knative CRD validator lives in ../shared beside the checkout"
-        )
-    spec = importlib.util.spec_from_file_location("validate_knative", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("validate_knative", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def manifest_files() -> list[Path]:
     """Every YAML file in knative/ except the kustomization itself."""
     files = sorted(KNATIVE_DIR.glob("*.y*ml"))
@@ -72,11 +52,10 @@ def kustomization() -> dict[str, Any]:
 
 @cache
 def documents() -> tuple[Doc, ...]:
-    """All documents, loaded with the validator's loader (duplicate keys rejected, dates kept)."""
-    vk = validate_knative()
+    """All documents, loaded as the API server reads them (duplicate keys rejected, dates kept)."""
     docs = []
     for path in manifest_files():
-        for body in vk.load_yaml_documents(path.read_text(encoding="utf-8")):
+        for body in schemas.load_documents(path.read_text(encoding="utf-8")):
             docs.append(Doc(path.name, body))
     return tuple(docs)
 
