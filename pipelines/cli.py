@@ -30,7 +30,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--request", required=True, type=Path, help="job request JSON file")
     p.add_argument("--out", type=Path, help="also write the result JSON here")
     p.add_argument("--progress", type=Path, help="progress record JSON, updated while training")
-    p.add_argument("--workdir", type=Path, help="pipeline root and outputs (default: temp dir)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        help="pipeline root and outputs (default: <KFP_TRAINER_STATE_DIR>/runs/<job_uuid>)",
+    )
     p.add_argument("--model-store", help="where model names resolve (dir or s3://bucket/prefix)")
     p.set_defaults(func=_run)
 
@@ -64,6 +68,14 @@ def _fail(request: dict[str, Any], error: str, out: Path | None) -> int:
     return 1
 
 
+def _state_dir() -> Path:
+    """KFP_TRAINER_STATE_DIR, with the default the handler and the provider use: runs land
+    there, never in the current directory (often a checkout)."""
+    return Path(
+        os.environ.get("KFP_TRAINER_STATE_DIR") or "~/.local/share/kfp-trainer"
+    ).expanduser()
+
+
 def _run(args: argparse.Namespace) -> int:
     from pipelines import logs
     from pipelines.local import run_request
@@ -91,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     problems = check_request(request)
     if problems:
         return _fail(request, "; ".join(problems), args.out)
-    workdir = args.workdir or Path.cwd() / ".kfp-trainer" / "runs" / request["job_uuid"]
+    workdir = args.workdir or _state_dir() / "runs" / request["job_uuid"]
     result = run_request(request, settings=settings, workdir=workdir, progress_path=args.progress)
     print(result.to_json())
     if args.out:
