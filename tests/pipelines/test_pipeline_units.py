@@ -872,8 +872,13 @@ def test_recipe_options_train(
     assert result.status == "completed" and result.dataset_rows == 10
     assert [p["step"] for p in progress] == [1, 2, 3]  # ceil(10 rows / batch 4)
     assert all(math.isfinite(p["loss"]) for p in progress)
-    # fp16 is not trained as such (no loss scaling): the run says what it used instead.
-    assert result.resources_allocated["dtype"] == ("fp32" if dtype == "fp16" else dtype)
+    # fp16 is not trained as such (no loss scaling), nor bf16 on a CPU without native bf16
+    # (no AVX512-BF16 or AMX): the run says what it used instead.
+    import torch
+
+    bf16_here = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    used = dtype if dtype == "bf16" and bf16_here else "fp32"
+    assert result.resources_allocated["dtype"] == used
     assert result.resources_allocated["requested_dtype"] == dtype
     adapter = json.loads(
         (tmp_path / "out" / "llama3.2-tiny-sft-0" / "adapter" / "adapter_config.json").read_text()
