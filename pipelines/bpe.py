@@ -2,7 +2,8 @@
 
 ``llama3.2-tiny`` needs a real tokenizer.model that torchtune's Llama 3 tokenizer can load. We
 learn a handful of merges from a built-in paragraph: all 256 single bytes first (ranks 0-255),
-then each merge's bytes at the next rank. The file is lines of ``base64(token) rank``.
+then each merge's bytes at the next rank. The file is lines of ``base64(token) rank``, the
+format of Meta's ``tokenizer.model``; ``read_ranks`` and ``write_ranks`` are its reader and writer.
 """
 
 from __future__ import annotations
@@ -66,12 +67,34 @@ def ranks(n_merges: int, text: str = CORPUS) -> dict[bytes, int]:
     return table
 
 
-def write_tiktoken_file(path: Path, n_merges: int, text: str = CORPUS) -> int:
-    """Write a tiktoken BPE file with ``256 + n_merges`` tokens; return that count."""
-    table = ranks(n_merges, text)
+def write_ranks(path: Path, table: dict[bytes, int]) -> int:
+    """Write ``table`` as a tiktoken BPE file (``base64(token) rank`` lines); return its size."""
     lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in table.items()]
     Path(path).write_text("\n".join(lines) + "\n", encoding="ascii")
     return len(table)
+
+
+def read_ranks(path: Path) -> dict[bytes, int]:
+    """A tiktoken BPE file as token bytes -> rank (what ``write_ranks`` wrote, or Meta's file).
+
+    :raises ValueError: naming the line that is not ``base64 rank``.
+    """
+    table: dict[bytes, int] = {}
+    with Path(path).open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                table[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise ValueError(f"line {lineno} is not 'base64-token rank'") from None
+    return table
+
+
+def write_tiktoken_file(path: Path, n_merges: int, text: str = CORPUS) -> int:
+    """Write a tiktoken BPE file with ``256 + n_merges`` tokens; return that count."""
+    return write_ranks(path, ranks(n_merges, text))
 
 
 def count_tokens(path: Path) -> int:
@@ -80,4 +103,12 @@ def count_tokens(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-__all__ = ["CORPUS", "count_tokens", "learn_merges", "ranks", "write_tiktoken_file"]
+__all__ = [
+    "CORPUS",
+    "count_tokens",
+    "learn_merges",
+    "ranks",
+    "read_ranks",
+    "write_ranks",
+    "write_tiktoken_file",
+]

@@ -1,15 +1,22 @@
-"""Writing one epoch's checkpoint: the LoRA adapter plus the merged model, Meta or HF format.
+"""Writing one epoch's checkpoint: the merged model where servers look for it, plus the adapter.
 
-Layout of ``<root>/<identifier>/``::
+Layout of ``<root>/<identifier>/`` (``Checkpoint.path``), as llama-stack's own recipe lays it::
 
-    adapter/adapter_model.pt        LoRA (and DoRA magnitude) weights, torchtune key names
-    adapter/adapter_config.json     rank, alpha, target modules, base model
-    adapter/adapter_model.safetensors   (huggingface format only: PEFT key names)
-    model/consolidated.00.pth + params.json + tokenizer.model        (meta)
-    model/model.safetensors + config.json + tokenizer.model          (huggingface)
+    consolidated.00.pth, params.json, tokenizer.model           (meta: what `llama model
+                                                                 download` gives; Llama 3.2
+                                                                 files hold the tied output.weight)
+    config.json, generation_config.json, model.safetensors      (huggingface: a complete model
+      (or shards + model.safetensors.index.json),                directory for transformers and
+      tokenizer.json, tokenizer_config.json (chat template)      vLLM)
+    adapter/adapter_model.safetensors, adapter/adapter_config.json   (PEFT: Hugging Face module
+                                                                 names, base_model_name_or_path
+                                                                 = the base's HF repo id)
 
-The directory is written under a temporary name and renamed into place, so a reader (or a
-later job) never sees half a checkpoint.
+So ``checkpoint_dir`` of llama-stack's meta-reference, ``from_pretrained``, ``vllm serve`` and
+``PeftModel.from_pretrained(base, path / "adapter")`` all take the path as it is. The merged
+weights keep the base checkpoint's dtype. Keys and layouts convert with torchtune's
+``convert_weights``. The directory is written under a temporary name and renamed into place
+(files 0644), so a reader never sees half a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import nn
@@ -29,12 +36,17 @@ from torchtune.models.convert_weights import (
 )
 from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
 
-from pipelines.modeling import PARAMS, TOKENIZER, read_params
-from pipelines.models import ModelSpec
+from pipelines import hf_tokenizer, layouts
+from pipelines.bpe import write_ranks
+from pipelines.modeling import BaseCheckpoint
 from pipelines.publish import staged_dir
 
-ADAPTER_DIR = "adapter"
-MODEL_DIR = "model"
+ADAPTER_DIR: Final = "adapter"
+ADAPTER_WEIGHTS: Final = "adapter_model.safetensors"
+ADAPTER_CONFIG: Final = "adapter_config.json"
+CHECKPOINT_FORMATS: Final = ("meta", "huggingface")
+MAX_SHARD_BYTES: Final = 5 * 2**30  # save_pretrained's long-standing default shard size
+_LICENSE_GLOBS: Final = ("LICENSE*", "USE_POLICY*")  # the Llama license travels with weights
 
 
 def _lora_targets(algo: dict[str, Any]) -> list[str]:
@@ -46,100 +58,199 @@ def _lora_targets(algo: dict[str, Any]) -> list[str]:
     return targets
 
 
-def _hf_config(
-    params: dict[str, Any], spec: ModelSpec, model: nn.Module, hidden: int, dtype: str
-) -> dict[str, Any]:
-    dim = int(params["dim"])
-    n_heads = int(params["n_heads"])
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def _heads(base: BaseCheckpoint) -> dict[str, int]:
+    arch = base.spec.arch
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": dim,
-        "intermediate_size": hidden,
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": int(params.get("n_kv_heads", n_heads)),
-        "num_hidden_layers": int(params["n_layers"]),
-        "head_dim": dim // n_heads,
-        "vocab_size": int(params["vocab_size"]),
-        "rms_norm_eps": float(params.get("norm_eps", 1e-5)),
-        "rope_theta": float(params.get("rope_theta", 500000.0)),
-        "max_position_embeddings": int(model.max_seq_len),
-        "tie_word_embeddings": spec.tied_embeddings,
-        "hidden_act": "silu",
-        "torch_dtype": {"bf16": "bfloat16", "fp16": "float16"}.get(dtype, "float32"),
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 32.0 if spec.family == "llama3_2" else 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        "num_heads": arch.n_heads,
+        "num_kv_heads": arch.n_kv_heads,
+        "dim": arch.dim,
+        "head_dim": arch.head_dim,
     }
+
+
+def peft_adapter(
+    adapter: dict[str, torch.Tensor], algo: dict[str, Any], base: BaseCheckpoint
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter in PEFT's key names and its ``adapter_config.json``."""
+    heads = _heads(base)
+    weights = tune_to_peft_adapter_weights(adapter, **heads)
+    # convert_weights permutes q/k rows of lora_B for HF's rotary layout but not DoRA's
+    # per-row magnitude, which lives in the same rows.
+    for key, value in weights.items():
+        for proj, n in (("q_proj", heads["num_heads"]), ("k_proj", heads["num_kv_heads"])):
+            if key.endswith(f"{proj}.lora_magnitude_vector"):
+                hd = heads["head_dim"]
+                weights[key] = value.view(n, hd // 2, 2).transpose(1, 2).reshape(-1)
+    alpha = float(algo["alpha"])
+    config = tune_to_peft_adapter_config(
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": int(algo["rank"]),
+            "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
+            "lora_dropout": 0.0,
+            "target_modules": _lora_targets(algo),
+            "use_dora": bool(algo.get("use_dora") or False),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "modules_to_save": None,
+        },
+        base_model_name_or_path=base.spec.base_model_name,
+    )
+    return weights, dict(sorted(config.items()))
+
+
+def merged_state_dict(model: nn.Module, algo: dict[str, Any], dtype: torch.dtype) -> dict:
+    """Base + LoRA delta in torchtune's key names, on the CPU, cast to ``dtype``.
+
+    The live model is left as it is: only the weights that take a delta are copied before
+    torchtune's in-place merge (on CPU a plain ``.to("cpu")`` would alias them, and the next
+    epoch would train on a base that already holds the delta).
+    """
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    for key in [k for k in state if k.endswith(".lora_a.weight")]:
+        weight = key.removesuffix(".lora_a.weight") + ".weight"
+        state[weight] = state[weight].to("cpu", copy=True)
+    merged = get_merged_lora_ckpt(state, rank=int(algo["rank"]), alpha=float(algo["alpha"]))
+    return {k: v.to("cpu").to(dtype) for k, v in merged.items()}
+
+
+def _copy_licenses(base: BaseCheckpoint, out: Path) -> None:
+    for pattern in _LICENSE_GLOBS:
+        for path in base.root.glob(pattern):
+            if path.is_file():
+                shutil.copy(path, out / path.name)
+
+
+def write_meta(merged: dict[str, torch.Tensor], base: BaseCheckpoint, out: Path) -> None:
+    """consolidated.00.pth (+ tied output.weight), params.json, tokenizer.model."""
+    meta = tune_to_meta(merged)
+    if base.spec.tied_embeddings:
+        meta["output.weight"] = meta["tok_embeddings.weight"]  # as torchtune's Meta checkpointer
+    torch.save(meta, out / layouts.META_WEIGHTS)
+    source = base.root if base.layout.kind == "meta" else base.layout.original
+    if source is not None:
+        shutil.copy(source / layouts.PARAMS, out / layouts.PARAMS)
+        shutil.copy(source / layouts.TOKENIZER_MODEL, out / layouts.TOKENIZER_MODEL)
+    else:
+        _write_json(out / layouts.PARAMS, base.spec.arch.params_json())
+        write_ranks(out / layouts.TOKENIZER_MODEL, base.ranks)
+
+
+def _write_hf_weights(hf: dict[str, torch.Tensor], out: Path) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in hf.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        _save_safetensors(shards[0], out / layouts.HF_WEIGHTS)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _save_safetensors(shard, out / name)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in hf.values())
+    _write_json(
+        out / layouts.HF_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
+
+
+def write_huggingface(merged: dict[str, torch.Tensor], base: BaseCheckpoint, out: Path) -> None:
+    """Safetensors (sharded past 5 GiB), config, generation config and tokenizer files."""
+    _write_hf_weights(tune_to_hf(merged, **_heads(base)), out)
+    dtype = layouts.dtype_name(next(iter(merged.values())).dtype)
+    base_vocab = len(base.ranks)
+    if base.layout.kind == "huggingface":
+        config = dict(base.description)
+        for key in ("torch_dtype", "dtype"):  # the weights' dtype, under the key the base used
+            if key in config:
+                config[key] = layouts.hf_dtype_name(dtype)
+        _write_json(out / layouts.HF_CONFIG, config)
+        for name in (layouts.HF_GENERATION_CONFIG, *hf_tokenizer.TOKENIZER_FILES):
+            if (base.root / name).is_file():
+                shutil.copy(base.root / name, out / name)
+        _ensure_chat_template(out)
+    else:
+        ids = hf_tokenizer.special_token_ids(base_vocab)
+        eos = [ids[t] for t in hf_tokenizer.STOP_TOKENS]
+        config = layouts.hf_config(base.spec.arch, dtype, ids[hf_tokenizer.BOS], eos)
+        _write_json(out / layouts.HF_CONFIG, config)
+        hf_tokenizer.write_hf_tokenizer(base.ranks, out, base.spec.arch.max_position_embeddings)
+    if not (out / layouts.HF_GENERATION_CONFIG).is_file():
+        _write_json(out / layouts.HF_GENERATION_CONFIG, hf_tokenizer.generation_config(base_vocab))
+
+
+def _ensure_chat_template(out: Path) -> None:
+    """A base without a chat template (a pretrained, not Instruct, one) gets the one we train on."""
+    path = out / "tokenizer_config.json"
+    if (out / "chat_template.jinja").is_file() or not path.is_file():
+        return
+    config = layouts.read_json(path)
+    if not config.get("chat_template"):
+        from pipelines.chat_format import CHAT_TEMPLATE
+
+        _write_json(path, {**config, "chat_template": CHAT_TEMPLATE})
 
 
 def save_checkpoint(
     model: nn.Module,
     *,
-    spec: ModelSpec,
+    base: BaseCheckpoint,
     algo: dict[str, Any],
-    source_dir: Path,
     root: Path,
     identifier: str,
     checkpoint_format: str,
-    dtype: str,
 ) -> Path:
-    """Write ``root/identifier`` (adapter + merged model) atomically; return its path."""
-    from safetensors.torch import save_file
-
-    final = root / identifier
+    """Write ``root/identifier`` (merged model + ``adapter/``) atomically; return its path."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format {checkpoint_format!r}: expected meta or huggingface")
+    if base.dtype is None:
+        raise ValueError("the base weights were never loaded (BaseCheckpoint.load_state_dict)")
+    final = Path(root) / identifier
     with staged_dir(final) as tmp:
-        params = read_params(source_dir)
-        n_heads = int(params["n_heads"])
-        n_kv = int(params.get("n_kv_heads", n_heads))
-        dim = int(params["dim"])
-        # A copy: merging adds the LoRA delta in place, and on CPU ``.to("cpu")`` would alias
-        # the live weights (the next epoch would train on a base that already holds the delta).
-        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
         adapter_dir = tmp / ADAPTER_DIR
         adapter_dir.mkdir()
-        adapter = get_adapter_state_dict(state)
-        torch.save(adapter, adapter_dir / "adapter_model.pt")
-        config = {
-            "r": int(algo["rank"]),
-            "lora_alpha": float(algo["alpha"]),
-            "target_modules": _lora_targets(algo),
-            "use_dora": bool(algo.get("use_dora") or False),
-            "base_model": spec.name,
-            "peft_type": "LORA",
-        }
-        if checkpoint_format == "huggingface":
-            peft = tune_to_peft_adapter_weights(
-                adapter, num_heads=n_heads, num_kv_heads=n_kv, dim=dim
-            )
-            save_file(
-                {k: v.contiguous() for k, v in peft.items()},
-                adapter_dir / "adapter_model.safetensors",
-            )
-            config = {**config, **tune_to_peft_adapter_config(dict(config), spec.name)}
-        (adapter_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        adapter = get_adapter_state_dict(model.state_dict())
+        weights, config = peft_adapter(adapter, algo, base)
+        _save_safetensors(weights, adapter_dir / ADAPTER_WEIGHTS)
+        _write_json(adapter_dir / ADAPTER_CONFIG, config)
+        del adapter, weights
 
-        model_dir = tmp / MODEL_DIR
-        model_dir.mkdir()
-        merged = get_merged_lora_ckpt(
-            dict(state), rank=int(algo["rank"]), alpha=float(algo["alpha"])
-        )
+        merged = merged_state_dict(model, algo, base.dtype)
         if checkpoint_format == "meta":
-            torch.save(tune_to_meta(merged), model_dir / "consolidated.00.pth")
-            shutil.copy2(source_dir / PARAMS, model_dir / PARAMS)
+            write_meta(merged, base, tmp)
         else:
-            hidden = int(merged["layers.0.mlp.w1.weight"].shape[0])
-            hf = tune_to_hf(merged, num_heads=n_heads, num_kv_heads=n_kv, dim=dim)
-            save_file({k: v.contiguous() for k, v in hf.items()}, model_dir / "model.safetensors")
-            cfg = _hf_config(params, spec, model, hidden, dtype)
-            (model_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        shutil.copy2(source_dir / TOKENIZER, model_dir / TOKENIZER)
+            write_huggingface(merged, base, tmp)
+        del merged
+        _copy_licenses(base, tmp)
     return final
 
 
-__all__ = ["ADAPTER_DIR", "MODEL_DIR", "save_checkpoint"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_DIR",
+    "ADAPTER_WEIGHTS",
+    "CHECKPOINT_FORMATS",
+    "merged_state_dict",
+    "peft_adapter",
+    "save_checkpoint",
+    "write_huggingface",
+    "write_meta",
+]

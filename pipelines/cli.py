@@ -19,7 +19,17 @@ def register(subparsers: Any) -> None:
     """Add ``tiny-model``, ``compile`` and ``run`` to an argparse subparsers object."""
     p = subparsers.add_parser("tiny-model", help="write the random-weight llama3.2-tiny model")
     p.add_argument("--out", required=True, type=Path, help="directory to create")
-    p.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same bytes)")
+    p.add_argument(
+        "--format",
+        choices=("meta", "huggingface"),
+        default="meta",
+        help="layout: meta (`llama model download`) or huggingface (needs transformers)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same weights)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="weight dtype")
+    p.add_argument(
+        "--max-shard-size", help="huggingface: split weights into shards (e.g. 100KB) + index"
+    )
     p.set_defaults(func=_tiny_model)
 
     p = subparsers.add_parser("compile", help="write the pipeline's KFP IR YAML")
@@ -44,8 +54,22 @@ def _tiny_model(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         from pipelines.tiny import write_tiny_model
 
-        out = write_tiny_model(args.out, seed=args.seed)
-    print(json.dumps({"model": "llama3.2-tiny", "path": str(out.resolve())}))
+        try:
+            out = write_tiny_model(
+                args.out,
+                seed=args.seed,
+                layout=args.format,
+                dtype=args.dtype,
+                max_shard_size=args.max_shard_size,
+            )
+        except ModuleNotFoundError as exc:
+            print(
+                f"error: --format {args.format} needs {exc.name} (pip install "
+                f"'llama-stack-provider-kfp-trainer[dev]')",
+                file=sys.stderr,
+            )
+            return 2
+    print(json.dumps({"model": "llama3.2-tiny", "format": args.format, "path": str(out.resolve())}))
     return 0
 
 

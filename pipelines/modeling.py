@@ -1,33 +1,33 @@
-"""Building registry models with torchtune and loading Meta-layout checkpoints into them.
+"""Building registry models with torchtune and opening a base checkpoint in either real layout.
 
 Imports torch and torchtune; only the training task (and the tiny-model generator) load it.
-A Meta-layout model directory is what ``llama download`` produces: ``consolidated.00.pth``,
-``params.json`` and ``tokenizer.model``.
+:func:`open_base` does the cheap part first (layout, model description, tokenizer); weights load
+through torchtune's own checkpointers (``FullModelMetaCheckpointer``,
+``FullModelHFCheckpointer``), which also convert the key names.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import torch
 from torch import nn
-from torchtune.models.convert_weights import meta_to_tune
 from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS, Llama3Tokenizer
 
-from pipelines.bpe import count_tokens
-from pipelines.models import ModelSpec
+from pipelines import layouts
+from pipelines.bpe import read_ranks, write_ranks
+from pipelines.hf_tokenizer import TokenizerFormatError, ranks_from_tokenizer_json
+from pipelines.layouts import Layout, ModelDirError
+from pipelines.models import LLAMA3_SPECIAL_SLOTS, ModelSpec
 
-META_WEIGHTS: Final = "consolidated.00.pth"
-PARAMS: Final = "params.json"
-TOKENIZER: Final = "tokenizer.model"
 _LLAMA3_SPECIAL_BASE: Final = 128_000
-
-
-class ModelDirError(ValueError):
-    """The staged model directory is not a usable Meta-layout checkpoint; names the file."""
+# torchtune's checkpointer ModelType per registry family.
+_MODEL_TYPES: Final = {"llama3_2": "LLAMA3_2", "llama3_1": "LLAMA3"}
 
 
 def _resolve(dotted: str) -> Any:
@@ -55,60 +55,136 @@ def build_lora_model(spec: ModelSpec, algo: dict[str, Any]) -> nn.Module:
 
 
 def special_tokens(base_vocab: int) -> dict[str, int]:
-    """Llama 3's special tokens placed right above a base vocabulary of ``base_vocab`` tokens.
+    """torchtune's Llama 3 special-token table placed right above ``base_vocab`` tokens.
 
-    For the real models (128,000 base tokens) this is exactly Llama 3's table; for the tiny
-    model the same 257-slot block starts at its own base size.
+    For the real models (128,000 base tokens) this is exactly torchtune's table; for the tiny
+    model the same block starts at its own base size.
     """
     return {
         name: base_vocab + (i - _LLAMA3_SPECIAL_BASE) for name, i in LLAMA3_SPECIAL_TOKENS.items()
     }
 
 
-def load_tokenizer(model_dir: Path, max_seq_len: int) -> Llama3Tokenizer:
-    path = Path(model_dir) / TOKENIZER
-    if not path.is_file():
-        raise ModelDirError(f"model directory {str(model_dir)!r} has no {TOKENIZER}")
-    try:
+def tokenizer_from_ranks(ranks: dict[bytes, int], max_seq_len: int) -> Llama3Tokenizer:
+    """torchtune's Llama 3 tokenizer over a tiktoken vocabulary held in memory."""
+    with tempfile.TemporaryDirectory(prefix="kfp-trainer-tok-") as tmp:
+        path = Path(tmp) / layouts.TOKENIZER_MODEL
+        write_ranks(path, ranks)
         return Llama3Tokenizer(
-            str(path), special_tokens=special_tokens(count_tokens(path)), max_seq_len=max_seq_len
+            str(path), special_tokens=special_tokens(len(ranks)), max_seq_len=max_seq_len
         )
-    except Exception as exc:
-        raise ModelDirError(f"{str(path)!r} is not a tiktoken BPE file: {exc}") from None
 
 
-def read_params(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / PARAMS
+@dataclass
+class BaseCheckpoint:
+    """An opened base model: layout, description (params or config), tokenizer vocabulary.
+
+    Weights are read only by :meth:`load_state_dict`, after every cheap check has passed.
+    """
+
+    spec: ModelSpec
+    layout: Layout
+    description: dict[str, Any]  # params.json (meta) or config.json (huggingface)
+    ranks: dict[bytes, int]  # the tiktoken vocabulary (tokenizer.model, or from tokenizer.json)
+    dtype: torch.dtype | None = None  # the weights' dtype, known once loaded
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    def tokenizer(self, max_seq_len: int) -> Llama3Tokenizer:
+        return tokenizer_from_ranks(self.ranks, max_seq_len)
+
+    def load_state_dict(self) -> dict[str, torch.Tensor]:
+        """Base weights in torchtune's key names (tied ``output.weight`` dropped).
+
+        :raises ModelDirError: unreadable weights or keys that are not this model's.
+        """
+        from torchtune.training import MODEL_KEY
+        from torchtune.training.checkpointing import (
+            FullModelHFCheckpointer,
+            FullModelMetaCheckpointer,
+        )
+
+        kind = self.layout.kind
+        files = list(self.layout.weight_files)
+        scratch = Path(tempfile.mkdtemp(prefix="kfp-trainer-ckpt-"))
+        try:
+            if kind == "meta" and self.spec.tied_embeddings:
+                _require_output_weight(self.root / files[0])
+            checkpointer_cls = (
+                FullModelHFCheckpointer if kind == "huggingface" else FullModelMetaCheckpointer
+            )
+            checkpointer = checkpointer_cls(
+                checkpoint_dir=str(self.root),
+                checkpoint_files=files,
+                model_type=_MODEL_TYPES[self.spec.family],
+                output_dir=str(scratch),
+            )
+            state = checkpointer.load_checkpoint()[MODEL_KEY]
+        except ModelDirError:
+            raise
+        except Exception as exc:
+            raise ModelDirError(
+                f"cannot load the {kind} weights in {str(self.root)!r} "
+                f"({', '.join(files)}): {type(exc).__name__}: {exc}"
+            ) from None
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if self.spec.tied_embeddings:
+            state.pop("output.weight", None)  # a tied copy some HF exports keep as lm_head
+        embeddings = state.get("tok_embeddings.weight")
+        self.dtype = embeddings.dtype if embeddings is not None else None
+        return state
+
+
+def _require_output_weight(path: Path) -> None:
+    """Real Meta Llama 3.2 files hold the tied ``output.weight``; say so when one does not."""
+    keys = torch.load(path, map_location="meta", weights_only=True, mmap=True).keys()
+    if "output.weight" not in keys:
+        raise ModelDirError(
+            f"{str(path)!r} has no output.weight; Meta's Llama 3.2 checkpoints hold the tied "
+            "copy of tok_embeddings.weight (llama-stack's meta-reference loads it strictly)"
+        )
+
+
+def _ranks(layout: Layout) -> dict[bytes, int]:
+    original = layout.original
+    if layout.kind == "meta" or original is not None:
+        path = (original or layout.root) / layouts.TOKENIZER_MODEL
+        if not path.is_file():
+            raise ModelDirError(f"model directory {str(layout.root)!r} has no {path.name}")
+        try:
+            return read_ranks(path)
+        except (OSError, ValueError) as exc:
+            raise ModelDirError(f"{str(path)!r} is not a tiktoken BPE file: {exc}") from None
+    path = layout.root / layouts.HF_TOKENIZER
     if not path.is_file():
-        raise ModelDirError(f"model directory {str(model_dir)!r} has no {PARAMS}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ModelDirError(f"{str(path)!r} is not valid JSON: {exc}") from None
-
-
-def load_meta_state_dict(model_dir: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """Base weights from ``consolidated.00.pth``, converted to torchtune's key names."""
-    model_dir = Path(model_dir)
-    shards = sorted(model_dir.glob("consolidated.*.pth"))
-    if not shards:
         raise ModelDirError(
-            f"model directory {str(model_dir)!r} has no {META_WEIGHTS} (Meta layout expected: "
-            f"{META_WEIGHTS}, {PARAMS}, {TOKENIZER})"
-        )
-    if len(shards) > 1:
-        raise ModelDirError(
-            f"model directory {str(model_dir)!r} holds {len(shards)} shards; only single-file "
-            f"Meta checkpoints ({META_WEIGHTS}) are supported"
+            f"model directory {str(layout.root)!r} has no {layouts.HF_TOKENIZER} (nor "
+            f"{layouts.ORIGINAL}/{layouts.TOKENIZER_MODEL})"
         )
     try:
-        raw = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise ModelDirError(f"cannot load {str(shards[0])!r}: {exc}") from None
-    state = meta_to_tune(raw)
-    if spec.tied_embeddings:
-        state.pop("output.weight", None)
-    return state
+        return ranks_from_tokenizer_json(path)
+    except TokenizerFormatError as exc:
+        raise ModelDirError(str(exc)) from None
+
+
+def open_base(model_dir: Path, spec: ModelSpec) -> BaseCheckpoint:
+    """Detect the layout, check it describes ``spec`` and read its tokenizer; no weights yet.
+
+    :raises ModelDirError: naming the file and what is wrong with it.
+    """
+    layout = layouts.detect(Path(model_dir))
+    description = layouts.check(layout, spec)
+    ranks = _ranks(layout)
+    if len(ranks) + LLAMA3_SPECIAL_SLOTS != spec.arch.vocab_size:
+        raise ModelDirError(
+            f"the tokenizer in {str(layout.root)!r} has {len(ranks)} base tokens; {spec.name} "
+            f"has {spec.arch.vocab_size - LLAMA3_SPECIAL_SLOTS} "
+            f"(+ {LLAMA3_SPECIAL_SLOTS} special tokens)"
+        )
+    return BaseCheckpoint(spec=spec, layout=layout, description=description, ranks=ranks)
 
 
 def load_base_weights(
@@ -132,15 +208,12 @@ def load_base_weights(
 
 
 __all__ = [
-    "META_WEIGHTS",
-    "PARAMS",
-    "TOKENIZER",
+    "BaseCheckpoint",
     "ModelDirError",
     "build_lora_model",
     "build_model",
     "load_base_weights",
-    "load_meta_state_dict",
-    "load_tokenizer",
-    "read_params",
+    "open_base",
     "special_tokens",
+    "tokenizer_from_ranks",
 ]

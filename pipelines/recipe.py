@@ -173,9 +173,25 @@ class Trainer:
             if validation_path
             else None
         )
-        tokenizer = modeling.load_tokenizer(self.model_dir, self.spec.max_seq_len)
-        modeling.read_params(self.model_dir)
-        base = modeling.load_meta_state_dict(self.model_dir, self.spec)
+        self.base = modeling.open_base(self.model_dir, self.spec)
+        tokenizer = self.base.tokenizer(self.spec.max_seq_len)
+        train = tokenize(self.train_rows, tokenizer, cfg.train_on_input, label="dataset")
+        val = (
+            tokenize(self.val_rows, tokenizer, cfg.train_on_input, label="validation_dataset")
+            if self.val_rows
+            else None
+        )
+        self.rows_without_trainable_tokens = train.without_trainable_tokens
+        if train.without_trainable_tokens:
+            event(
+                log,
+                "rows skipped: cut to the sequence limit, they keep no token to learn from",
+                level=logging.WARNING,
+                rows=train.without_trainable_tokens,
+                of=len(self.train_rows),
+                max_seq_len=self.spec.max_seq_len,
+            )
+        base = self.base.load_state_dict()
 
         self.device, self.dtype, self.dtype_name = pick_device_and_dtype(cfg.dtype)
         training.set_seed(cfg.seed)
@@ -199,10 +215,8 @@ class Trainer:
         self.act_ctx = training.get_act_offloading_ctx_manager(model, self.offload)
         self.model = model
         self.tokenizer = tokenizer
-        self.train_samples = tokenize(self.train_rows, tokenizer, cfg.train_on_input)
-        self.val_samples = (
-            tokenize(self.val_rows, tokenizer, cfg.train_on_input) if self.val_rows else None
-        )
+        self.train_samples = train.samples
+        self.val_samples = val.samples if val else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.train_loader = self._loader(self.train_samples, shuffle=cfg.shuffle)
         batches = len(self.train_loader)
@@ -225,6 +239,9 @@ class Trainer:
             model=self.spec.name,
             rows=len(self.train_rows),
             validation_rows=len(self.val_rows or []),
+            rows_without_trainable_tokens=self.rows_without_trainable_tokens,
+            base_layout=self.base.layout.kind,
+            base_dtype=str(self.base.dtype).removeprefix("torch."),
             steps_per_epoch=self.steps_per_epoch,
             total_steps=self.total_steps,
             trainable_params=sum(p.numel() for p in trainable),
@@ -346,13 +363,11 @@ class Trainer:
             identifier = f"{self.spec.name}-sft-{epoch}"
             path = save_checkpoint(
                 self.model,
-                spec=self.spec,
+                base=self.base,
                 algo=cfg.algorithm,
-                source_dir=self.model_dir,
                 root=self.output_dir,
                 identifier=identifier,
                 checkpoint_format=self.checkpoint_format,
-                dtype=self.dtype_name,
             )
             training_metrics = {
                 "epoch": epoch,
@@ -400,6 +415,7 @@ class Trainer:
             metrics=metrics,
             resources_allocated=resources,
             dataset_rows=len(self.train_rows),
+            rows_without_trainable_tokens=self.rows_without_trainable_tokens,
         )
 
 

@@ -29,6 +29,9 @@ class RunResult:
     tokens, seconds, tokens_per_second).
     ``resources_allocated``: device, device_name, dtype, requested_dtype, peak_memory_bytes,
     peak_memory_gb.
+    ``dataset_rows``: rows read from the dataset; ``rows_without_trainable_tokens``: how many
+    of them truncation to the model's sequence limit left with no token to learn from (they
+    are skipped; when none is left the run fails instead, naming the limit).
     """
 
     job_uuid: str
@@ -38,6 +41,7 @@ class RunResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     resources_allocated: dict[str, Any] = field(default_factory=dict)
     dataset_rows: int | None = None
+    rows_without_trainable_tokens: int | None = None  # cut to the sequence limit: not trained on
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -61,6 +65,7 @@ class RunResult:
             metrics=list(data.get("metrics") or []),
             resources_allocated=dict(data.get("resources_allocated") or {}),
             dataset_rows=data.get("dataset_rows"),
+            rows_without_trainable_tokens=data.get("rows_without_trainable_tokens"),
         )
 
     def to_json(self) -> str:

@@ -14,10 +14,42 @@ from tests.support.s3 import moto_server, set_credentials
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The random-weight llama3.2-tiny checkpoint (Meta layout), written once."""
+    """The random-weight llama3.2-tiny checkpoint (Meta layout, bf16), written once."""
     from pipelines.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "llama3.2-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same weights in the Hugging Face layout (bf16, one model.safetensors)."""
+    from pipelines.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "hf", layout="huggingface")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Hugging Face layout in shards with model.safetensors.index.json, as 3B/8B ship."""
+    from pipelines.tiny import write_tiny_model
+
+    return write_tiny_model(
+        tmp_path_factory.mktemp("models") / "hf-sharded",
+        layout="huggingface",
+        max_shard_size="100KB",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """fp32 copies of the tiny model in both layouts: logits compare tightly in fp32."""
+    from pipelines.tiny import write_tiny_model
+
+    root = tmp_path_factory.mktemp("models-fp32")
+    return {
+        layout: write_tiny_model(root / layout, layout=layout, dtype="fp32")
+        for layout in ("meta", "huggingface")
+    }
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipelines import storage
+from pipelines.models import TINY
 from pipelines.result import RunResult
 from pipelines.settings import PipelineSettings
+from tests.pipelines.loaders import HF_MODEL_FILES, chat_ids, meta_reference_logits, peft_model
 from tests.pipelines.pipeline_helpers import make_request, make_tar, run_cli, write_rows
 from tests.pipelines.test_pipeline_units import receiver  # noqa: F401  (fixture)
 
@@ -29,17 +32,11 @@ pytestmark = [
 ]
 
 
-def _load(path: Path) -> dict:
-    import torch
+def _adapter(checkpoint: Path) -> dict:
+    """The PEFT adapter weights of a checkpoint directory."""
+    from safetensors.torch import load_file
 
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _logits(model, tokens):
-    import torch
-
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).float()
+    return load_file(checkpoint / "adapter" / "adapter_model.safetensors")
 
 
 def _run_local(request: dict, workdir: Path, cache: Path, **arguments: str) -> None:
@@ -60,6 +57,7 @@ def _run_local(request: dict, workdir: Path, cache: Path, **arguments: str) -> N
 def test_run_trains_checkpoints_and_notifies(
     tmp_path: Path,
     tiny_model: Path,
+    tiny_hf: Path,
     receiver,  # noqa: F811
 ) -> None:
     url, handler = receiver
@@ -105,41 +103,103 @@ def test_run_trains_checkpoints_and_notifies(
     assert math.isfinite(record["loss"])
 
     # Adapter weights changed: LoRA B starts at zero and differs between epochs.
-    first = _load(Path(result.checkpoints[0]["path"]) / "adapter" / "adapter_model.pt")
-    last = _load(Path(result.checkpoints[1]["path"]) / "adapter" / "adapter_model.pt")
-    b_keys = [k for k in last if "lora_b" in k]
+    first = _adapter(Path(result.checkpoints[0]["path"]))
+    last = _adapter(Path(result.checkpoints[1]["path"]))
+    b_keys = [k for k in last if "lora_B" in k]
     assert b_keys and all(last[k].abs().sum() > 0 for k in b_keys)
     assert any(not first[k].equal(last[k]) for k in last)
 
-    # The merged checkpoint reloads into the plain model and equals base + adapter.
-    from pipelines.modeling import (
-        build_lora_model,
-        build_model,
-        load_base_weights,
-        load_meta_state_dict,
-        load_tokenizer,
-    )
-    from pipelines.models import lookup
-
-    spec = lookup("llama3.2-tiny")
-    merged_dir = Path(result.checkpoints[1]["path"]) / "model"
-    assert sorted(p.name for p in merged_dir.iterdir()) == [
+    # Checkpoint.path is the merged Meta model itself, as `llama model download` lays it out,
+    # bf16 like its base although training ran in fp32; llama-stack's meta-reference loads it.
+    path = Path(result.checkpoints[1]["path"])
+    assert sorted(p.name for p in path.iterdir()) == [
+        "adapter",
         "consolidated.00.pth",
         "params.json",
         "tokenizer.model",
     ]
-    plain = build_model(spec)
-    plain.load_state_dict(load_meta_state_dict(merged_dir, spec), strict=True)
-    lora = build_lora_model(spec, request["algorithm_config"])
-    load_base_weights(lora, load_meta_state_dict(tiny_model, spec), tiny_model)
-    lora.load_state_dict(last, strict=False)
-    tokens = load_tokenizer(merged_dir, 64).encode("What is 2 plus 2?")
-    assert _logits(plain, tokens) == pytest.approx(_logits(lora, tokens), abs=1e-4)
+    merged = torch.load(path / "consolidated.00.pth", weights_only=True)
+    assert "output.weight" in merged and {t.dtype for t in merged.values()} == {torch.bfloat16}
+    assert json.loads((path / "params.json").read_text()) == TINY.params_json()
+    (meta_logits,) = meta_reference_logits([(path, list(range(1, 30)))], tmp_path)
+    assert torch.isfinite(meta_logits).all()
+    # The adapter is PEFT's, named for the Hugging Face modules, and loads onto the HF base.
+    config = json.loads((path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["target_modules"] == ["q_proj", "v_proj"]
+    _, missing, unexpected = peft_model(tiny_hf, path / "adapter")
+    assert missing == [] and unexpected == []
 
     # The exit handler posted the notice.
     headers, body = handler.got[-1]
     assert {k.lower(): v for k, v in headers.items()}["ce-id"] == "job-main/run.finished"
     assert body["state"] == "SUCCEEDED" and body["job_uuid"] == "job-main" and body["run_id"]
+
+
+def test_hf_sharded_archive_gives_a_model_transformers_and_peft_load(
+    tmp_path: Path, tiny_hf_sharded: Path, tiny_hf: Path
+) -> None:
+    """A .tar.gz of a sharded Hugging Face download in, a complete HF model directory out."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    archive = make_tar(tiny_hf_sharded, tmp_path / "hf.tar.gz", gzip=True)
+    data = write_rows(tmp_path / "train.jsonl", 12, "dialog")
+    request = make_request("job-hf", str(archive), str(data), checkpoint_format="huggingface")
+    request["training_config"].update(n_epochs=1, dtype="fp32")
+    request["training_config"]["data_config"]["data_format"] = "dialog"
+    _run_local(request, tmp_path / "work", tmp_path / "cache", result_uri=str(tmp_path / "r"))
+
+    result = RunResult.read(tmp_path / "r" / "result.json")
+    assert result.status == "completed", result.error
+    assert result.rows_without_trainable_tokens == 0
+    path = Path(result.checkpoints[0]["path"])
+    assert HF_MODEL_FILES | {"adapter"} <= {p.name for p in path.iterdir()}
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in path.rglob("*") if p.is_file())
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.dtype == torch.bfloat16  # the base's dtype, although training ran in fp32
+    tok = AutoTokenizer.from_pretrained(path)
+    messages = [{"role": "user", "content": "What is 2 plus 2?"}]
+    ids = chat_ids(tok, messages, add_generation_prompt=True)
+    assert tok.decode(ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == len(ids) + 3
+    config = json.loads((path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "llama3.2-tiny"  # no Hub repo: the registry name
+    _, missing, unexpected = peft_model(tiny_hf, path / "adapter")
+    assert missing == [] and unexpected == []
+
+
+def _too_long_rows(path: Path, long: int, short: int) -> Path:
+    with path.open("w") as f:
+        for i in range(long + short):
+            question = "word " * (400 if i < long else 3) + "?"
+            row = {
+                "chat_completion_input": json.dumps([{"role": "user", "content": question}]),
+                "expected_answer": f"answer {i}",
+            }
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def test_truncation_never_trains_on_nothing_in_silence(tmp_path: Path, tiny_model: Path) -> None:
+    mixed = _too_long_rows(tmp_path / "mixed.jsonl", 3, 5)
+    request = make_request("job-mixed", str(tiny_model), str(mixed))
+    request["training_config"].update(n_epochs=1, max_steps_per_epoch=1)
+    proc, out = run_cli(request, tmp_path / "mixed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["status"] == "completed" and result["dataset_rows"] == 8
+    assert result["rows_without_trainable_tokens"] == 3
+
+    every = _too_long_rows(tmp_path / "long.jsonl", 4, 0)
+    proc, out = run_cli(make_request("job-long", str(tiny_model), str(every)), tmp_path / "long")
+    assert proc.returncode == 1
+    result = json.loads(out.read_text())
+    assert result["status"] == "failed" and not result["checkpoints"]
+    assert result["error"].startswith(
+        "dataset: no row left to train on: all 4 rows lose every answer token when cut to the "
+        "sequence limit of 256 tokens"
+    )
 
 
 def test_failed_run_notifies_and_records_the_error(
@@ -181,7 +241,7 @@ def test_run_command_5000_rows_arrive_in_full(tmp_path: Path, tiny_model: Path) 
 
 
 def _adapters(result: dict) -> dict:
-    return _load(Path(result["checkpoints"][-1]["path"]) / "adapter" / "adapter_model.pt")
+    return _adapter(Path(result["checkpoints"][-1]["path"]))
 
 
 def test_dir_tar_and_tar_gz_give_the_same_result_and_the_cache_hits(
@@ -331,10 +391,12 @@ def test_compiled_package_runs_with_s3_artifacts_and_publishes_to_s3(
     for name in (
         "adapter/adapter_model.safetensors",
         "adapter/adapter_config.json",
-        "model/model.safetensors",
-        "model/config.json",
-        "model/tokenizer.model",
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ):
         assert storage.exists(f"{ckpt['path']}/{name}") == "file", name
-    config = json.loads(storage.get_bytes(f"{ckpt['path']}/model/config.json"))
-    assert config["tie_word_embeddings"] is True and config["vocab_size"] == 577
+    config = json.loads(storage.get_bytes(f"{ckpt['path']}/config.json"))
+    assert config["tie_word_embeddings"] is True and config["vocab_size"] == TINY.vocab_size

@@ -1,6 +1,7 @@
-"""Fast checks of the pipeline's parts: settings, registry, validation, data, staging, storage,
-results, the tiny model, the notice and the compiled spec. Real files, real tar archives, a real
-HTTP receiver and a moto S3 server; no KFP run here (see test_pipeline_runs.py)."""
+"""Fast checks of the pipeline's parts: settings, validation, data, staging, storage, results,
+the notice and the compiled spec. Real files, real tar archives, a real HTTP receiver and a moto
+S3 server; no KFP run here (see test_pipeline_runs.py). The registry, the tiny model, the chat
+format and the checkpoint formats have their own test modules."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import yaml
 
 from pipelines import storage
 from pipelines.data import DatasetError, read_dataset
-from pipelines.models import known_models, lookup
 from pipelines.result import RunResult
 from pipelines.settings import PipelineSettings, SettingsError
 from pipelines.staging import StagingError, archive_kind, resolve_model_uri, stage_model
@@ -79,31 +79,6 @@ def test_settings_defaults() -> None:
 def test_settings_errors_name_the_variable(name: str, value: str, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         PipelineSettings.from_env({name: value})
-
-
-# ---------------------------------------------------------------- registry
-
-
-def test_registry_knows_the_models_and_lists_them_when_unknown() -> None:
-    assert known_models() == [
-        "Llama3.2-1B-Instruct",
-        "Llama3.2-3B-Instruct",
-        "Llama3.1-8B-Instruct",
-        "llama3.2-tiny",
-    ]
-    assert lookup("meta-llama/Llama-3.2-1B-Instruct").name == "Llama3.2-1B-Instruct"
-    with pytest.raises(ValueError, match=r"unknown model 'Llama2-7B'; known models: Llama3\.2-1B"):
-        lookup("Llama2-7B")
-
-
-def test_registry_builders_exist() -> None:
-    import importlib
-
-    for name in known_models():
-        spec = lookup(name)
-        for dotted in (spec.builder, spec.lora_builder):
-            module, _, attr = dotted.partition(":")
-            assert callable(getattr(importlib.import_module(module), attr)), dotted
 
 
 # ---------------------------------------------------------------- request validation
@@ -541,46 +516,6 @@ def test_run_result_round_trip(tmp_path: Path) -> None:
         RunResult(job_uuid="j", status="done")  # type: ignore[arg-type]
 
 
-# ---------------------------------------------------------------- tiny model
-
-
-def test_tiny_model_is_meta_layout_and_deterministic(tmp_path: Path, tiny_model: Path) -> None:
-    from pipelines.modeling import load_tokenizer, read_params
-    from pipelines.tiny import write_tiny_model
-
-    assert sorted(p.name for p in tiny_model.iterdir()) == [
-        "checklist.chk",
-        "consolidated.00.pth",
-        "params.json",
-        "tokenizer.model",
-    ]
-    again = write_tiny_model(tmp_path / "again")
-    for name in ("consolidated.00.pth", "params.json", "tokenizer.model"):
-        assert (again / name).read_bytes() == (tiny_model / name).read_bytes()
-    params = read_params(tiny_model)
-    tok = load_tokenizer(tiny_model, 64)
-    ids = tok.encode("The capital of France is Paris.", add_bos=True, add_eos=True)
-    assert max(ids) < params["vocab_size"] and tok.decode(ids[1:-1]) == (
-        "The capital of France is Paris."
-    )
-    assert tok.eot_id < params["vocab_size"] and tok.bos_id == 320
-
-
-def test_tiny_model_cli(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipelines", "tiny-model", "--out", str(tmp_path / "m")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["path"] == str((tmp_path / "m").resolve())
-    assert (tmp_path / "m" / "consolidated.00.pth").stat().st_size > 100_000
-
-
 # ---------------------------------------------------------------- notify
 
 
@@ -885,16 +820,3 @@ def test_recipe_options_train(
     )
     assert adapter["use_dora"] is bool(algo.get("use_dora"))
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8.0
-
-
-def test_train_on_input_decides_which_tokens_are_learned(tiny_model: Path, tmp_path: Path) -> None:
-    from pipelines.chat_format import IGNORE_INDEX, tokenize
-    from pipelines.modeling import load_tokenizer
-
-    rows = read_dataset(write_rows(tmp_path / "d.jsonl", 2, "dialog"), "dialog")
-    tok = load_tokenizer(tiny_model, 256)
-    answer_only = tokenize(rows, tok, train_on_input=False)[0]
-    everything = tokenize(rows, tok, train_on_input=True)[0]
-    assert answer_only["tokens"] == everything["tokens"]
-    learned = sum(t != IGNORE_INDEX for t in answer_only["labels"])
-    assert 0 < learned < sum(t != IGNORE_INDEX for t in everything["labels"])

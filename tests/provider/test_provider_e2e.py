@@ -193,11 +193,14 @@ def test_artifacts_are_checkpoints_that_load(stack, trained) -> None:
     status = client.post_training.job.status(job_uuid="job-a")
     assert artifacts.job_uuid == "job-a"
     assert artifacts.checkpoints == status.checkpoints
+    from safetensors.torch import load_file
+
     path = Path(artifacts.checkpoints[0]["path"])
-    adapter = torch.load(path / "adapter" / "adapter_model.pt", weights_only=True)
+    adapter = load_file(path / "adapter" / "adapter_model.safetensors")
     assert adapter and all("lora" in key for key in adapter)
     assert all(torch.isfinite(t).all() for t in adapter.values())
-    model = torch.load(path / "model" / "consolidated.00.pth", weights_only=True)
+    # Checkpoint.path is the merged Meta model itself: a meta-reference checkpoint_dir.
+    model = torch.load(path / "consolidated.00.pth", weights_only=True)
     assert any(key.endswith("attention.wq.weight") for key in model)
     assert json.loads((path / "adapter" / "adapter_config.json").read_text())["r"] == 4
 
@@ -373,4 +376,4 @@ def test_statuses_survive_a_server_restart(stack, trained, cancelled) -> None:
     for job in ("job-a", "job-b"):
         assert after[job].to_dict() == before[job].to_dict()
     path = Path(after["job-a"].checkpoints[0]["path"])
-    assert (path / "adapter" / "adapter_model.pt").is_file()
+    assert (path / "adapter" / "adapter_model.safetensors").is_file()
