@@ -5,8 +5,7 @@ The training image has no transformers, yet a Hugging Face checkpoint written fr
 needs the fast tokenizer file that transformers and vLLM load, and a Meta checkpoint written from
 a Hugging Face input needs ``tokenizer.model``. Both are the same byte-level BPE: tiktoken keeps
 token bytes -> rank; ``tokenizer.json`` keeps the GPT-2 byte-to-unicode spelling of each token
-with its id (= rank) plus the merge list. The merges are recovered from the ranks: a token of
-rank r is the single pair that BPE, allowed only merges below r, ends with.
+with its id (= rank) plus the merge list, which is recovered from the ranks.
 """
 
 from __future__ import annotations
@@ -97,28 +96,22 @@ def unspell(text: str) -> bytes:
 
 
 def merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """The BPE merge list that reproduces tiktoken's encoding with ``ranks``, in rank order.
+    """The BPE merge list that reproduces tiktoken's encoding with ``ranks``.
 
-    A token whose bytes BPE cannot merge back into it (real Llama 3 has some, e.g. ``.:.:``)
-    gets no merge: tiktoken only ever emits it for a whole pre-tokenized piece, which the
-    ``ignore_merges`` BPE we build looks up directly too.
+    tiktoken merges any two adjacent parts whose concatenation is a token, lowest token rank
+    first. So every split of a token into two tokens is a merge, with that token's priority:
+    merges are listed by the rank of what they make (ties by the parts' ranks). Overlapping
+    merges that make the same token cannot be told apart by a list, but they coincide (``aa aa``
+    in ``aaaaaa``), and the BPE breaks those ties leftmost as tiktoken does.
     """
     out: list[tuple[bytes, bytes]] = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) < 2:
-            continue
-        parts = [token[i : i + 1] for i in range(len(token))]
-        while len(parts) > 2:
-            best, at = rank, -1
-            for i in range(len(parts) - 1):
-                r = ranks.get(parts[i] + parts[i + 1])
-                if r is not None and r < best:
-                    best, at = r, i
-            if at < 0:
-                break
-            parts[at : at + 2] = [parts[at] + parts[at + 1]]
-        if len(parts) == 2 and all(ranks.get(p, rank) < rank for p in parts):
-            out.append((parts[0], parts[1]))
+    for token, _rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [
+            (token[:i], token[i:])
+            for i in range(1, len(token))
+            if token[:i] in ranks and token[i:] in ranks
+        ]
+        out += sorted(splits, key=lambda ab: (ranks[ab[0]], ranks[ab[1]]))
     return out
 
 
