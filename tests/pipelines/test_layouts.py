@@ -172,3 +172,20 @@ def test_a_checkpoint_of_another_registry_model_is_named(tiny_model: Path) -> No
         ModelDirError, match=r"does not describe Llama3\.2-1B-Instruct: dim 64 \(expected 2048\)"
     ):
         open_base(tiny_model, lookup("Llama3.2-1B-Instruct"))
+
+
+def test_an_hf_download_on_s3_stages_and_opens(
+    tmp_path: Path, bucket: str, tiny_hf_sharded: Path
+) -> None:
+    """A directory under an s3:// prefix (what a model registry holds), fetched as the train
+    task fetches it, is the same checkpoint."""
+    from pipelines import storage
+    from pipelines.staging import stage_model
+
+    uri = storage.publish(tiny_hf_sharded, f"s3://{bucket}/models/llama3.2-tiny")
+    staged = stage_model(storage.fetch(uri, tmp_path / "dl"), tmp_path / "cache")
+    base = open_base(staged, TINY)
+    assert base.layout.weight_files == detect(tiny_hf_sharded).weight_files
+    assert (
+        base.load_state_dict().keys() == open_base(tiny_hf_sharded, TINY).load_state_dict().keys()
+    )
