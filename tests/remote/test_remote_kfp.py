@@ -13,8 +13,9 @@ from handler.remote.auth import TokenError, read_token
 from handler.remote.discovery import DiscoveryError, discover_host
 from handler.remote.kfp import KfpAuthError, KfpClient, KfpNotFound
 from handler.settings import RemoteSettings
+from tests.k8s_standin import KubeApiStandin
 from tests.kfp_standin import KfpStandin
-from tests.remote.kube_api import KubeApi
+from tests.support.tls import make_tls
 
 
 @pytest.fixture
@@ -114,10 +115,17 @@ def test_not_found_run(standin):
         client.get_run("nope")
 
 
+def _kube_api(tmp_path: Path, token: str, **kwargs: str) -> KubeApiStandin:
+    """The Kubernetes API over plain HTTP (kubeconfig tests), accepting ``token`` (`oc login`)."""
+    api = KubeApiStandin(tmp_path / "kube-api", tls=False, **kwargs).start()
+    api.add_static_token(token, "kube:admin")
+    return api
+
+
 def test_token_sources_in_order(tmp_path, monkeypatch):
-    api = KubeApi(token="kube-token")
+    api = _kube_api(tmp_path, "kube-token")
     try:
-        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
+        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig", "kube-token")))
         token_file = tmp_path / "sa"
         token_file.write_text("sa-token\n")
         assert read_token(RemoteSettings(kfp_token="static")).value == "static"
@@ -137,9 +145,11 @@ def test_token_sources_in_order(tmp_path, monkeypatch):
 
 
 def test_host_discovered_from_dspa_with_kubeconfig_token(standin, tmp_path, monkeypatch):
-    api = KubeApi(token="first-token")  # `oc login`: one token for the cluster and the route
+    api = _kube_api(tmp_path, "first-token")  # `oc login`: one token for cluster and route
     try:
-        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
+        monkeypatch.setenv(
+            "KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig", "first-token"))
+        )
         api.add_dspa("team-a", "dspa", standin.url)
         assert discover_host("team-a", "dspa") == standin.url
         client = KfpClient(RemoteSettings(dspa_name="dspa", kfp_namespace="team-a"))
@@ -156,9 +166,9 @@ def test_host_discovered_from_dspa_with_kubeconfig_token(standin, tmp_path, monk
 
 
 def test_dspa_v1alpha1_is_found_too(tmp_path, monkeypatch):
-    api = KubeApi(token="k", version="v1alpha1")
+    api = _kube_api(tmp_path, "k", dspa_version="v1alpha1")
     try:
-        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
+        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig", "k")))
         api.add_dspa("ns", "old", "https://ds-pipeline-old.apps.example")
         assert discover_host("ns", "old") == "https://ds-pipeline-old.apps.example"
     finally:
@@ -173,52 +183,14 @@ def test_no_kubernetes_credentials_says_set_kfp_host():
 # -- HTTPS -------------------------------------------------------------------------------------
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 signed by its own key, valid for a day: (cert, key)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kfp-standin")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 @pytest.fixture
 def tls_standin(tmp_path: Path):
-    cert, key = _self_signed(tmp_path)
-    with KfpStandin(token="tls-token", work_dir=tmp_path / "standin", tls=(cert, key)) as server:
+    tls = make_tls(tmp_path / "tls", "kfp-standin")
+    with KfpStandin(
+        token="tls-token", work_dir=tmp_path / "standin", tls=(tls.cert, tls.key)
+    ) as server:
         assert server.url.startswith("https://")
-        yield server, cert
+        yield server, tls.ca
 
 
 def test_https_with_an_untrusted_certificate_says_what_to_set(tls_standin):
