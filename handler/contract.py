@@ -55,6 +55,8 @@ EMITTED_TYPES: Final = (
 TERMINAL_TYPES: Final = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)
 
 JSON_FORMAT: Final = JSONFormat()
+# job_uuid values the schema's character class allows but the contract refuses.
+_DOT_SEGMENTS: Final = (".", "..")
 JSON_CONTENT_TYPE: Final = "application/json"
 
 
@@ -158,34 +160,62 @@ def validate_data(event_type: str, data: Any) -> dict[str, Any]:
     """
     if not isinstance(data, dict):
         raise ContractError([f"data must be a JSON object, got {type(data).__name__}"])
-    unsupported = _unsupported_training(data) if event_type == JOB_REQUESTED else []
-    fast = None if unsupported else _fast_validator(event_type)
+    explained = _dot_segment(data)
+    if event_type == JOB_REQUESTED:
+        explained += _unsupported_training(data)
+    fast = None if explained else _fast_validator(event_type)
     if fast is not None:
         try:
             fast(data)
             return data
         except ValueError:  # fastjsonschema.JsonSchemaException: explain it below
             pass
-    problems: list[str] = list(unsupported)
+    problems: list[str] = [message for _, message in explained]
     validator = jsonschema.Draft202012Validator(schema(event_type))
     for err in sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path]):
-        if unsupported and _path(err).startswith("algorithm_config"):
-            continue  # already explained as "not supported"
+        if any(_path(err).startswith(field) for field, _ in explained):
+            continue  # already explained in plain words
         problems.append(f"{_path(err)}: {err.message}")
     if problems:
         raise ContractError(problems)
     return data
 
 
-def _unsupported_training(data: dict[str, Any]) -> list[str]:
+def _dot_segment(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """``.`` and ``..`` fit the job_uuid pattern's characters but are path segments: HTTP
+    clients collapse them in ``/jobs/<job_uuid>`` and S3 keys ``jobs/<job_uuid>/`` would name
+    another place, so such a job could run but never be read back."""
+    job_uuid = data.get("job_uuid")
+    if job_uuid not in _DOT_SEGMENTS:
+        return []
+    return [
+        (
+            "job_uuid",
+            f"job_uuid: {job_uuid!r} is not allowed: '.' and '..' are path segments, so "
+            "/jobs/<job_uuid> and the job's S3 keys would point somewhere else; pick another id",
+        )
+    ]
+
+
+def _unsupported_training(data: dict[str, Any]) -> list[tuple[str, str]]:
     """Requests llama-stack can express but this provider does not run: say so plainly."""
     algo = data.get("algorithm_config")
     if not isinstance(algo, dict):
         return []
     if algo.get("type") == "QAT":
-        return ["algorithm_config.type: 'QAT' is not supported; only 'LoRA' fine-tuning is"]
+        return [
+            (
+                "algorithm_config",
+                "algorithm_config.type: 'QAT' is not supported; only 'LoRA' fine-tuning is",
+            )
+        ]
     if algo.get("quantize_base"):
-        return ["algorithm_config.quantize_base: QLoRA (quantize_base=true) is not supported"]
+        return [
+            (
+                "algorithm_config",
+                "algorithm_config.quantize_base: QLoRA (quantize_base=true) is not supported",
+            )
+        ]
     return []
 
 

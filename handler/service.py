@@ -209,6 +209,7 @@ class HandlerService:
             "checkpoints": list(result.get("checkpoints") or []),
             "resources_allocated": result.get("resources_allocated"),
             "dataset_rows": result.get("dataset_rows"),
+            "rows_without_trainable_tokens": result.get("rows_without_trainable_tokens"),
             "error": state.error,
         }
 
@@ -506,6 +507,7 @@ class HandlerService:
             checkpoints=list(fields["result"].get("checkpoints") or []),
             resources_allocated=fields["result"].get("resources_allocated"),
             dataset_rows=fields["result"].get("dataset_rows"),
+            rows_without_trainable_tokens=fields["result"].get("rows_without_trainable_tokens"),
         )
         candidate.pop("state")
         candidate.pop("result")

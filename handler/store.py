@@ -155,6 +155,7 @@ class Job:
             "checkpoints": list(self.result.get("checkpoints") or []),
             "resources_allocated": self.result.get("resources_allocated"),
             "dataset_rows": self.result.get("dataset_rows"),
+            "rows_without_trainable_tokens": self.result.get("rows_without_trainable_tokens"),
             "error": self.error,
         }
         return data

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlparse
@@ -119,20 +120,41 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def s3_client(env: Mapping[str, str] | None = None) -> Any:
-    """A boto3 S3 client for ``S3_ENDPOINT_URL`` (empty: AWS); credentials from AWS_* env."""
-    import boto3
+@dataclass(frozen=True)
+class S3Bounds:
+    """How long one S3 call may take: botocore's defaults (60 s connect, 60 s read, 5 attempts)
+    let a stalled PUT hold a training pod, and its GPU, for minutes."""
+
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    max_attempts: int = 3  # the first try included
+
+
+S3_BOUNDS: Final = S3Bounds()
+
+
+def client_config(bounds: S3Bounds = S3_BOUNDS) -> Any:
+    """The botocore ``Config`` of every S3 client here and in the handler: bounded, path-style."""
     from botocore.config import Config
+
+    return Config(
+        connect_timeout=bounds.connect_timeout_s,
+        read_timeout=bounds.read_timeout_s,
+        retries={"total_max_attempts": bounds.max_attempts, "mode": "standard"},
+        s3={"addressing_style": "path"},
+    )
+
+
+def s3_client(env: Mapping[str, str] | None = None, bounds: S3Bounds = S3_BOUNDS) -> Any:
+    """A boto3 S3 client for ``S3_ENDPOINT_URL`` (empty: AWS); credentials from AWS_* env.
+
+    Each call gives up after ``bounds`` (at most about (connect + read) x attempts).
+    """
+    import boto3
 
     env = os.environ if env is None else env
     endpoint = env.get("S3_ENDPOINT_URL") or None
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        config=Config(
-            retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}
-        ),
-    )
+    return boto3.client("s3", endpoint_url=endpoint, config=client_config(bounds))
 
 
 def _list(client: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:

@@ -61,6 +61,7 @@ class KfpJobStatusResponse(PostTrainingJobStatusResponse):
     progress: dict[str, Any] | None = None
     error: str | None = None
     dataset_rows: int | None = None
+    rows_without_trainable_tokens: int | None = None
 
 
 def _age_s(record: dict[str, Any]) -> float:
@@ -311,6 +312,7 @@ class KfpTrainerPostTraining:
             progress=record.get("progress"),
             error=record.get("error"),
             dataset_rows=record.get("dataset_rows"),
+            rows_without_trainable_tokens=record.get("rows_without_trainable_tokens"),
         )
 
     async def get_training_job_artifacts(self, job_uuid: str) -> PostTrainingJobArtifactsResponse:

@@ -30,6 +30,7 @@ EVENT_FIELDS: Final = (
     "checkpoints",
     "resources_allocated",
     "dataset_rows",
+    "rows_without_trainable_tokens",
     "error",
 )
 T = TypeVar("T")

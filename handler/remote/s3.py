@@ -34,20 +34,15 @@ class ManifestError(ValueError):
 
 
 def s3_client(remote: RemoteSettings) -> Any:
-    """A boto3 client for ``S3_ENDPOINT_URL`` (empty: AWS) with bounded timeouts.
+    """A boto3 client for ``S3_ENDPOINT_URL`` (empty: AWS), bounded as the train task's is.
 
     Credentials come from boto3's chain (``AWS_*`` env from the mounted Secret, or a profile).
     """
     import boto3
-    from botocore.config import Config
 
-    config = Config(
-        connect_timeout=5,
-        read_timeout=30,
-        retries={"max_attempts": 3, "mode": "standard"},
-        s3={"addressing_style": "path"},
-    )
-    return boto3.client("s3", endpoint_url=remote.s3_endpoint_url or None, config=config)
+    from pipelines.storage import client_config
+
+    return boto3.client("s3", endpoint_url=remote.s3_endpoint_url or None, config=client_config())
 
 
 def _base(remote: RemoteSettings) -> str:

@@ -84,6 +84,7 @@ def main() -> int:
         "metrics": [],
         "resources_allocated": {"device": "cpu", "dtype": "fp32"},
         "dataset_rows": 8,
+        "rows_without_trainable_tokens": 1,
     }
     _atomic(args.out, result)
     print(json.dumps(result))

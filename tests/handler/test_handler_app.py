@@ -230,6 +230,23 @@ def test_bad_job_uuid(client, dataset):
     assert r.json["message"].startswith("job_uuid: 'bad uuid/with spaces' does not match")
 
 
+@pytest.mark.parametrize("job_uuid", [".", ".."])
+@pytest.mark.parametrize("event_type", [JOB, contract.JOB_CANCEL_REQUESTED, contract.RUN_FINISHED])
+def test_dot_segment_job_uuids_are_refused_by_the_contract(client, dataset, job_uuid, event_type):
+    """'.' and '..' fit the id's characters, but /jobs/.. and jobs/../result.json name another
+    place: refused by name, whichever event carries them, and never emitted."""
+    data = request_data(job_uuid, dataset) if event_type == JOB else {"job_uuid": job_uuid}
+    headers, body = binary(event_type, data)
+    r = _post(client, headers, body)
+    assert r.status_code == 400, r.json
+    assert r.json["message"].startswith(f"job_uuid: {job_uuid!r} is not allowed: '.' and '..'")
+    with pytest.raises(contract.ContractError, match="path segments"):
+        contract.make_event(
+            contract.JOB_COMPLETED, "/t", {"job_uuid": job_uuid, "status": "completed"}
+        )
+    assert contract.validate_data(JOB, request_data("...", dataset))["job_uuid"] == "..."
+
+
 def test_subject_must_match_job_uuid(client, dataset):
     headers, body = binary(JOB, request_data("j1", dataset), subject="j2")
     r = _post(client, headers, body)

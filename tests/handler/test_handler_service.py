@@ -115,6 +115,8 @@ def test_in_process_request_runs_to_completion_with_progress(local, dataset, sin
     assert done["checkpoints"][0]["post_training_job_id"] == "job-1"
     assert Path(done["checkpoints"][0]["path"]).is_dir()
     assert done["dataset_rows"] == 8
+    assert done["rows_without_trainable_tokens"] == 1  # as result.json says
+    assert service.job("job-1")["rows_without_trainable_tokens"] == 1
     assert done["progress"]["total_steps"] == 4
     for key in ("scheduled_at", "started_at", "completed_at"):
         assert done[key]

@@ -68,6 +68,7 @@ def test_curl_request_to_job_completed_with_real_checkpoints(env, tmp_path):
     done = sink.of("train-1")[-1]["data"]
     assert done["status"] == "completed" and done["error"] is None
     assert done["dataset_rows"] == 8
+    assert done["rows_without_trainable_tokens"] == 0  # every row fits the sequence limit
     assert done["resources_allocated"]["device"] == "cpu"
     (ckpt,) = done["checkpoints"]
     assert ckpt["identifier"] == "llama3.2-tiny-sft-0"

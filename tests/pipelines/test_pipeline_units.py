@@ -5,9 +5,12 @@ format and the checkpoint formats have their own test modules."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import socket
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -453,6 +456,54 @@ def test_unreachable_s3_is_storage_unavailable(tmp_path: Path) -> None:
         storage.exists("s3://b/models/m", client)
     with pytest.raises(storage.StorageUnavailable, match=r"s3://b/m\.tar.*retry later"):
         storage.fetch("s3://b/m.tar", tmp_path, client)
+
+
+class StalledS3:
+    """Accepts connections and never answers: an S3 whose PUT hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.accepted.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
+
+
+def test_the_train_tasks_s3_client_is_bounded_as_the_handlers_is(monkeypatch) -> None:
+    """botocore's defaults (60 s connect, 60 s read, 5 attempts) held a task on a stalled PUT
+    for minutes; both clients give up after 5 s connect / 30 s read, 3 attempts."""
+    from handler.remote import s3 as handler_s3
+    from handler.settings import RemoteSettings
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    task = storage.s3_client({"S3_ENDPOINT_URL": closed_port_url()})._client_config
+    handler = handler_s3.s3_client(RemoteSettings(s3_endpoint_url=closed_port_url()))
+    for config in (task, handler._client_config):
+        assert (config.connect_timeout, config.read_timeout) == (5.0, 30.0)
+        assert config.retries["total_max_attempts"] == 3
+
+    stalled = StalledS3()
+    try:
+        bounds = storage.S3Bounds(connect_timeout_s=1, read_timeout_s=0.5, max_attempts=2)
+        client = storage.s3_client({"S3_ENDPOINT_URL": stalled.url}, bounds)
+        started = time.monotonic()
+        with pytest.raises(storage.StorageUnavailable, match=r"s3://b/x\.json.*ReadTimeout"):
+            storage.put_bytes(b"{}", "s3://b/x.json", client)
+        assert time.monotonic() - started < 10
+        assert len(stalled.accepted) == 2  # the attempts, and no more
+    finally:
+        stalled.close()
 
 
 @pytest.mark.parametrize(("status", "code"), [(403, "AccessDenied"), (403, "InvalidAccessKeyId")])

@@ -106,6 +106,7 @@ def test_curl_to_job_completed_via_exit_handler_notice(world):
     checkpoints = completed["data"]["checkpoints"]
     assert checkpoints and checkpoints[0]["path"].startswith(f"s3://{world.remote.s3_bucket}/")
     assert completed["data"]["dataset_rows"] == 8
+    assert completed["data"]["rows_without_trainable_tokens"] == 0
     assert completed["data"]["resources_allocated"]["device"] == "cpu"
     keys = fx.list_keys(world.remote, s3.job_prefix(world.remote, "e2e-job-1"))
     assert s3.job_prefix(world.remote, "e2e-job-1") + "result.json" in keys
