@@ -26,7 +26,7 @@ def create_app(settings: HandlerSettings | None = None) -> Flask:
     """
     from flask import Flask
 
-    from handler import errors, events, logs, status
+    from handler import errors, events, identity, logs, status
     from handler.service import create_service
     from handler.settings import HandlerSettings
 
@@ -37,6 +37,7 @@ def create_app(settings: HandlerSettings | None = None) -> Flask:
     service = create_service(settings)
     app.extensions[EXTENSION] = service
     app.before_request(service.start_once)
+    identity.init_app(app, settings.auth, settings.retry_after_s)  # callers checked first
     errors.init_app(app)
     app.register_blueprint(events.bp)
     app.register_blueprint(status.bp)

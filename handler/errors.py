@@ -3,8 +3,9 @@
 Ingress code raises these (or the contract's ``ContractError``, the store's ``StoreUnavailable``,
 a backend's ``BackendUnavailable``/``BackendRejected``); :func:`error_reply` is the only place
 that turns an exception into a status code and a JSON body. Permanent problems are 400, 413 or
-415, never 404, 409 or 429, which Knative would retry forever. Bodies name the problem; internal
-details (paths, exception text of unexpected errors) stay in the logs.
+415, never 404, 409 or 429, which Knative would retry forever; a caller that may not call gets
+401 or 403 (dead-lettered too, so a misconfigured sender shows up there). Bodies name the
+problem; internal details (paths, exception text of unexpected errors) stay in the logs.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ class UnsupportedMediaType(ValueError):
     """The content type is not one this endpoint reads (415), batch mode included."""
 
 
+class Unauthenticated(ValueError):
+    """No bearer token, or one the Kubernetes API does not vouch for (401)."""
+
+
+class Forbidden(ValueError):
+    """The caller is known, but not one the settings let do this (403)."""
+
+
 class Unavailable(RuntimeError):
     """Something the handler needs is down for now (503 with Retry-After)."""
 
@@ -54,6 +63,8 @@ class Unavailable(RuntimeError):
 _TABLE: Final = (
     (PayloadTooLarge, 413, "payload_too_large", True),
     (UnsupportedMediaType, 415, "unsupported_media_type", True),
+    (Unauthenticated, 401, "unauthenticated", True),
+    (Forbidden, 403, "forbidden", True),
     (ContractError, 400, "bad_request", True),
     (BadRequest, 400, "bad_request", True),
     (BackendRejected, 400, "rejected", True),
@@ -77,6 +88,8 @@ def error_reply(exc: BaseException, *, retry_after_s: int = 5) -> Reply:
             if problems and len(problems) > 1:
                 body["problems"] = list(problems)
             headers = {"Retry-After": str(retry_after_s)} if status == 503 else {}
+            if status == 401:
+                headers["WWW-Authenticate"] = 'Bearer realm="kfp-trainer"'
             if status == 503:
                 log.warning("answering 503", extra={"error": code, "detail": str(exc)})
             return json_reply(status, body, headers)

@@ -2,7 +2,8 @@
 
 Flask supplies headers and body; decoding, validation and the answer are the service's
 (``HandlerService.handle``), so the in-process path and the HTTP path cannot drift apart. The
-only check here is the one that must happen before the body is read: its declared size.
+only checks here are the one that must happen before the body is read (its declared size) and
+whether this caller may send this type of event (handler/identity.py; off unless configured).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from cloudevents.core.bindings.http import HTTPMessage
 from flask import Blueprint, Response, current_app, request
 
-from handler import EXTENSION
+from handler import EXTENSION, identity
 from handler.errors import PayloadTooLarge, error_reply
 from handler.ingress import check_size
 from handler.reply import Reply
@@ -35,4 +36,7 @@ def receive() -> Response:
     except PayloadTooLarge as exc:
         return _response(error_reply(exc))
     message = HTTPMessage(headers=dict(request.headers.items()), body=body)
+    refused = identity.authorize_event(message)  # None: identity checks off, or admitted
+    if refused is not None:
+        return refused
     return _response(service.handle(message))

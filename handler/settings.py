@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Final, Literal, get_args
 
 from pipelines.settings import NOTIFY_WINDOW_S, PipelineSettings
 
@@ -102,6 +103,74 @@ class RemoteSettings:
         )
 
 
+# The pod's service-account files, where the handler's own token and the cluster CA are.
+SERVICE_ACCOUNT_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
+_SERVICE_ACCOUNT_USER: Final = re.compile(
+    r"^system:serviceaccount:[a-z0-9]([-a-z0-9]*[a-z0-9])?:[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+)
+
+
+def _callers(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma list of service-account usernames (``system:serviceaccount:<ns>:<name>``)."""
+    callers = tuple(c.strip() for c in env.get(name, "").split(",") if c.strip())
+    bad = [c for c in callers if not _SERVICE_ACCOUNT_USER.match(c)]
+    if bad:
+        raise SettingsError(
+            f"{name}: {', '.join(map(repr, bad))} is not a service account's username; "
+            "write system:serviceaccount:<namespace>:<name>"
+        )
+    return callers
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Who may call the handler (handler/identity.py): off unless ``KFP_TRAINER_AUTH=true``.
+
+    Each caller list holds service-account usernames and says what they may do; a bearer token
+    is checked with the Kubernetes TokenReview API for ``audience``.
+    """
+
+    enabled: bool = False  # KFP_TRAINER_AUTH
+    audience: str = "kfp-trainer-handler"  # KFP_TRAINER_AUTH_AUDIENCE: what tokens must be for
+    api_url: str = "https://kubernetes.default.svc"  # KFP_TRAINER_AUTH_API_URL (TokenReview)
+    # KFP_TRAINER_AUTH_TOKEN_PATH: the handler's own token, presented to the Kubernetes API.
+    token_path: str = f"{SERVICE_ACCOUNT_DIR}/token"
+    ca_path: str = f"{SERVICE_ACCOUNT_DIR}/ca.crt"  # KFP_TRAINER_AUTH_CA_PATH: the cluster CA
+    cache_s: float = 10.0  # KFP_TRAINER_AUTH_CACHE_S: how long a review's answer is reused
+    timeout_s: float = 5.0  # KFP_TRAINER_AUTH_TIMEOUT_S: per TokenReview request
+    # Who may send job.requested and job.cancel.requested (the Triggers' OIDC identities).
+    requesters: tuple[str, ...] = ()  # KFP_TRAINER_AUTH_REQUESTERS
+    notifiers: tuple[str, ...] = ()  # KFP_TRAINER_AUTH_NOTIFIERS: run.finished
+    reconcilers: tuple[str, ...] = ()  # KFP_TRAINER_AUTH_RECONCILERS: the PingSource tick
+    readers: tuple[str, ...] = ()  # KFP_TRAINER_AUTH_READERS: GET /jobs, GET /jobs/<job_uuid>
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> AuthSettings:
+        settings = cls(
+            enabled=_bool(env, "KFP_TRAINER_AUTH", False),
+            audience=env.get("KFP_TRAINER_AUTH_AUDIENCE", "") or cls.audience,
+            api_url=(env.get("KFP_TRAINER_AUTH_API_URL", "") or cls.api_url).rstrip("/"),
+            token_path=env.get("KFP_TRAINER_AUTH_TOKEN_PATH", "") or cls.token_path,
+            ca_path=env.get("KFP_TRAINER_AUTH_CA_PATH", "") or cls.ca_path,
+            cache_s=_float(env, "KFP_TRAINER_AUTH_CACHE_S", cls.cache_s),
+            timeout_s=_float(env, "KFP_TRAINER_AUTH_TIMEOUT_S", cls.timeout_s),
+            requesters=_callers(env, "KFP_TRAINER_AUTH_REQUESTERS"),
+            notifiers=_callers(env, "KFP_TRAINER_AUTH_NOTIFIERS"),
+            reconcilers=_callers(env, "KFP_TRAINER_AUTH_RECONCILERS"),
+            readers=_callers(env, "KFP_TRAINER_AUTH_READERS"),
+        )
+        if settings.enabled and not settings.api_url.startswith("https://"):
+            raise SettingsError(
+                f"KFP_TRAINER_AUTH_API_URL={settings.api_url!r}: the Kubernetes API must be "
+                "reached over https:// (the handler's own token travels with each review)"
+            )
+        if settings.cache_s < 0 or settings.timeout_s <= 0:
+            raise SettingsError(
+                "KFP_TRAINER_AUTH_CACHE_S must be >= 0 and KFP_TRAINER_AUTH_TIMEOUT_S > 0"
+            )
+        return settings
+
+
 @dataclass(frozen=True)
 class HandlerSettings:
     """Everything the handler deployable can be told. Built by :meth:`from_env`."""
@@ -130,6 +199,7 @@ class HandlerSettings:
     # or "full" (fsync per commit: survives a power loss, if the volume does).
     db_sync: DbSync = "normal"
     remote: RemoteSettings = field(default_factory=RemoteSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     # The pipeline's own settings (pipelines/settings.py), read from the same environment.
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
 
@@ -187,6 +257,7 @@ class HandlerSettings:
             db_busy_timeout_s=_float(env, "KFP_TRAINER_DB_BUSY_TIMEOUT_S", cls.db_busy_timeout_s),
             db_sync=db_sync,  # type: ignore[arg-type]
             remote=RemoteSettings.from_env(env),
+            auth=AuthSettings.from_env(env),
             pipeline=PipelineSettings.from_env(env),
         )
 
@@ -226,6 +297,25 @@ ENV_VARS = (
     "KFP_TRAINER_S3_SECRET",
     "KFP_TRAINER_NOTIFY_URL",
     "KFP_TRAINER_NOTIFY_WINDOW_S",
+    "KFP_TRAINER_AUTH",
+    "KFP_TRAINER_AUTH_AUDIENCE",
+    "KFP_TRAINER_AUTH_API_URL",
+    "KFP_TRAINER_AUTH_TOKEN_PATH",
+    "KFP_TRAINER_AUTH_CA_PATH",
+    "KFP_TRAINER_AUTH_CACHE_S",
+    "KFP_TRAINER_AUTH_TIMEOUT_S",
+    "KFP_TRAINER_AUTH_REQUESTERS",
+    "KFP_TRAINER_AUTH_NOTIFIERS",
+    "KFP_TRAINER_AUTH_RECONCILERS",
+    "KFP_TRAINER_AUTH_READERS",
 )
 
-__all__ = ["ENV_VARS", "DbSync", "HandlerSettings", "Mode", "RemoteSettings", "SettingsError"]
+__all__ = [
+    "ENV_VARS",
+    "AuthSettings",
+    "DbSync",
+    "HandlerSettings",
+    "Mode",
+    "RemoteSettings",
+    "SettingsError",
+]

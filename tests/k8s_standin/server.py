@@ -149,6 +149,10 @@ class KubeApiStandin:
         """What binding ``system:auth-delegator`` to ``username`` allows: create TokenReviews."""
         self._reviewers.add(username)
 
+    def revoke_token_review(self, username: str) -> None:
+        """Unbind it again: that caller's TokenReviews are now the API server's 403."""
+        self._reviewers.discard(username)
+
     def add_dspa(self, namespace: str, name: str, external_url: str | None) -> None:
         status = (
             {"components": {"apiServer": {"externalUrl": external_url}}} if external_url else {}
