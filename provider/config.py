@@ -63,6 +63,8 @@ class KfpTrainerConfig(BaseModel):
         model_store: where ``model`` names resolve to artifacts (a directory or ``s3://...``).
         broker_url: remote: where ``job.requested``/``job.cancel.requested`` are POSTed.
         handler_url: remote: the handler's base URL, asked ``GET /jobs/<job_uuid>`` for status.
+        broker_token_file, handler_token_file: remote: where the bearer tokens for those two
+            are (projected service-account tokens in the llama-stack pod, one per audience).
     """
 
     mode: Literal["local", "remote"] = Field(default="local", description="KFP_TRAINER_MODE")
@@ -76,6 +78,17 @@ class KfpTrainerConfig(BaseModel):
     )
     broker_url: str = Field(default="", description="KFP_TRAINER_BROKER_URL (remote mode)")
     handler_url: str = Field(default="", description="KFP_TRAINER_HANDLER_URL (remote mode)")
+    broker_token_file: str = Field(
+        default="",
+        description="Remote: a file holding the bearer token sent with every event to the broker "
+        "(a projected service-account token for the Broker's OIDC audience), re-read for each "
+        "request; empty: none. KFP_TRAINER_BROKER_TOKEN_FILE",
+    )
+    handler_token_file: str = Field(
+        default="",
+        description="Remote: likewise for GET /jobs on the handler (a token for the handler's "
+        "audience, KFP_TRAINER_AUTH_AUDIENCE). KFP_TRAINER_HANDLER_TOKEN_FILE",
+    )
     delivery_attempts: int = Field(default=5, ge=1, description="KFP_TRAINER_DELIVERY_ATTEMPTS")
     delivery_backoff_s: float = Field(
         default=0.5, ge=0, description="First retry delay, doubled. KFP_TRAINER_DELIVERY_BACKOFF_S"
@@ -157,6 +170,8 @@ class KfpTrainerConfig(BaseModel):
             "source": "${env.KFP_TRAINER_PROVIDER_SOURCE:/llama-stack/post-training/kfp-torchtune}",
             "broker_url": "${env.KFP_TRAINER_BROKER_URL:}",
             "handler_url": "${env.KFP_TRAINER_HANDLER_URL:}",
+            "broker_token_file": "${env.KFP_TRAINER_BROKER_TOKEN_FILE:}",
+            "handler_token_file": "${env.KFP_TRAINER_HANDLER_TOKEN_FILE:}",
             "delivery_attempts": "${env.KFP_TRAINER_DELIVERY_ATTEMPTS:5}",
             "delivery_backoff_s": "${env.KFP_TRAINER_DELIVERY_BACKOFF_S:0.5}",
             "http_timeout_s": "${env.KFP_TRAINER_HTTP_TIMEOUT_S:10}",

@@ -1,5 +1,9 @@
 """Remote transport: binary-mode POSTs to the Knative broker, status from the handler's REST.
 
+Each request can carry a bearer token read from a file (``broker_token_file``,
+``handler_token_file``): with Knative's OIDC and the handler's identity checks on, the Broker and
+the handler each want a token for their own audience.
+
 A Knative Service may scale to zero, so there is no subscription to hold open: while a job is
 not terminal, reads ask ``GET <handler_url>/jobs/<job_uuid>`` (any replica can answer; in remote
 mode it reads KFP), throttled by ``status_refresh_s``.
@@ -8,11 +12,31 @@ mode it reads KFP), throttled by ``status_refresh_s``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from provider.config import KfpTrainerConfig
 from provider.transport import Answer, DeliveryFailed, Update, deliver, reason
+
+
+def bearer(token_file: str, setting: str) -> dict[str, str]:
+    """``Authorization: Bearer`` from ``token_file``, read now (the kubelet rotates projected
+    tokens); no header when no file is configured.
+
+    :raises DeliveryFailed: the file is configured but cannot be read or is empty.
+    """
+    if not token_file:
+        return {}
+    try:
+        token = Path(token_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise DeliveryFailed(
+            f"cannot read the bearer token {setting}={token_file}: {exc.strerror or exc}"
+        ) from None
+    if not token:
+        raise DeliveryFailed(f"the bearer token file {setting}={token_file} is empty")
+    return {"Authorization": f"Bearer {token}"}
 
 
 class RemoteTransport:
@@ -47,9 +71,10 @@ class RemoteTransport:
         config = self._config
 
         def once() -> Answer:
+            token = bearer(config.broker_token_file, "KFP_TRAINER_BROKER_TOKEN_FILE")
             reply = self._http().post(
                 config.broker_url,
-                headers=dict(message.headers),
+                headers={**message.headers, **token},
                 data=message.body,
                 timeout=config.http_timeout_s,
             )
@@ -73,8 +98,9 @@ class RemoteTransport:
     def job(self, job_uuid: str) -> Update | None:
         """The handler's view of one job; None when it answers 404."""
         url = f"{self._config.handler_url.rstrip('/')}/jobs/{quote(job_uuid, safe='')}"
+        token = bearer(self._config.handler_token_file, "KFP_TRAINER_HANDLER_TOKEN_FILE")
         try:
-            reply = self._http().get(url, timeout=self._config.http_timeout_s)
+            reply = self._http().get(url, headers=token, timeout=self._config.http_timeout_s)
         except OSError as exc:
             raise DeliveryFailed(f"handler {url} unreachable: {exc}") from exc
         if reply.status_code == 404:

@@ -298,3 +298,69 @@ def test_health_problems_come_from_the_handlers_readyz() -> None:
         (problem,) = transport.problems()
         assert problem.endswith("/readyz: backend: the remote backend is not ready")
     assert [r.path for r in handler.received] == ["/readyz", "/readyz"]
+
+
+def test_tokens_from_the_configured_files_go_with_each_request(tmp_path) -> None:
+    """The broker and the handler each get the token of their own file, read afresh every time
+    (the kubelet rotates projected tokens); /readyz is open and gets none."""
+    from provider.remote import RemoteTransport
+
+    broker_token, handler_token = tmp_path / "broker-token", tmp_path / "handler-token"
+    broker_token.write_text("for-the-broker-1\n")
+    handler_token.write_text("for-the-handler\n")
+    view = {"job_uuid": "job-7", "status": "in_progress"}
+    with (
+        LoopbackServer([Scripted(202)]) as broker,
+        LoopbackServer(
+            [Scripted(200, json.dumps(view).encode(), {"Content-Type": "application/json"})]
+        ) as handler,
+    ):
+        transport = RemoteTransport(
+            _config(
+                broker.url,
+                handler.url,
+                broker_token_file=str(broker_token),
+                handler_token_file=str(handler_token),
+            )
+        )
+        transport.send(_requested_event())
+        broker_token.write_text("for-the-broker-2")  # rotated
+        transport.send(_requested_event())
+        assert transport.job("job-7") == view
+        assert transport.problems() == []
+    assert [r.headers.get("Authorization") for r in broker.received] == [
+        "Bearer for-the-broker-1",
+        "Bearer for-the-broker-2",
+    ]
+    by_path = {r.path: r.headers.get("Authorization") for r in handler.received}
+    assert by_path == {"/jobs/job-7": "Bearer for-the-handler", "/readyz": None}
+
+
+def test_without_token_files_no_authorization_is_sent() -> None:
+    from provider.remote import RemoteTransport
+
+    with LoopbackServer([Scripted(202)]) as broker:
+        RemoteTransport(_config(broker.url)).send(_requested_event())
+    assert "Authorization" not in broker.received[0].headers
+
+
+def test_an_unreadable_token_file_is_named(tmp_path) -> None:
+    from provider.remote import RemoteTransport
+
+    missing = tmp_path / "no-token"
+    with LoopbackServer([Scripted(202)]) as broker:
+        transport = RemoteTransport(
+            _config(broker.url, broker.url, attempts=1, broker_token_file=str(missing))
+        )
+        with pytest.raises(
+            DeliveryFailed,
+            match=f"cannot read the bearer token KFP_TRAINER_BROKER_TOKEN_FILE={missing}",
+        ):
+            transport.send(_requested_event())
+        (tmp_path / "empty").write_text("  \n")
+        transport = RemoteTransport(
+            _config(broker.url, broker.url, handler_token_file=str(tmp_path / "empty"))
+        )
+        with pytest.raises(DeliveryFailed, match="KFP_TRAINER_HANDLER_TOKEN_FILE=.* is empty"):
+            transport.job("job-7")
+    assert broker.received == [], "nothing is sent without the token that was asked for"
