@@ -1,17 +1,20 @@
-"""A Kubernetes API server on 127.0.0.1: TokenReview and DSPA reads, over HTTPS.
+"""A Kubernetes API server on 127.0.0.1: TokenReview, TokenRequest and DSPA reads, over HTTPS.
 
 Every request needs a bearer token the API server itself accepts: a static token (as
 ``--token-auth-file`` gives) or a service-account token from :attr:`KubeApiStandin.issuer`
 valid for the API server's audiences. Creating a TokenReview also needs the permission
-``system:auth-delegator`` grants (:meth:`KubeApiStandin.grant_token_review`); without it the
-answer is the API server's 403. Answers are what ``kube-apiserver`` sends: ``201`` with the
-TokenReview and its ``status`` (``authenticated``, ``user``, ``audiences`` or ``error``), and
-``Status`` objects for 400/401/403/404.
+``system:auth-delegator`` grants (:meth:`KubeApiStandin.grant_token_review`), and requesting a
+service account's token the ``create`` on its ``serviceaccounts/token`` a Role grants
+(:meth:`KubeApiStandin.grant_token_request`); without them the answer is the API server's 403.
+Answers are what ``kube-apiserver`` sends: ``201`` with the TokenReview and its ``status``
+(``authenticated``, ``user``, ``audiences`` or ``error``) or the TokenRequest and its token, and
+``Status`` objects for 400/401/403/404/422.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import re
 import socket
@@ -28,6 +31,9 @@ from tests.support.tls import TlsFiles, make_tls
 # What the API server's own tokens are issued for (``--api-audiences``; the issuer by default).
 API_AUDIENCES = ("https://kubernetes.default.svc.cluster.local", "https://kubernetes.default.svc")
 TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+_TOKEN_REQUEST = re.compile(
+    r"^/api/v1/namespaces/(?P<ns>[^/]+)/serviceaccounts/(?P<name>[^/]+)/token$"
+)
 _DSPA = re.compile(
     r"^/apis/datasciencepipelinesapplications\.opendatahub\.io/(?P<version>[^/]+)"
     r"/namespaces/(?P<ns>[^/]+)/datasciencepipelinesapplications/(?P<name>[^/?]+)$"
@@ -70,6 +76,8 @@ class KubeApiStandin:
         self.seen_auth: list[str | None] = []  # every Authorization header received
         self._static: dict[str, str] = {}  # token -> username
         self._reviewers: set[str] = set()
+        self._token_requesters: set[tuple[str, str, str]] = set()  # (user, namespace, name)
+        self.token_requests: list[dict[str, Any]] = []  # (namespace, name, spec) received
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}
         self._port = 0
         self._server: ThreadingHTTPServer | None = None
@@ -152,6 +160,11 @@ class KubeApiStandin:
     def revoke_token_review(self, username: str) -> None:
         """Unbind it again: that caller's TokenReviews are now the API server's 403."""
         self._reviewers.discard(username)
+
+    def grant_token_request(self, username: str, namespace: str, name: str) -> None:
+        """What a Role with ``create`` on ``serviceaccounts/token`` (resourceNames: ``name``)
+        bound to ``username`` allows: TokenRequests for that service account."""
+        self._token_requesters.add((username, namespace, name))
 
     def add_dspa(self, namespace: str, name: str, external_url: str | None) -> None:
         status = (
@@ -268,6 +281,45 @@ class KubeApiStandin:
             "status": status,
         }
 
+    def token_request(self, caller: str, namespace: str, name: str, body: Any) -> dict[str, Any]:
+        """POST .../serviceaccounts/<name>/token: a token for that account, as the kubelet's
+        projected volumes get them (``spec.audiences``, ``spec.expirationSeconds`` >= 600)."""
+        if (caller, namespace, name) not in self._token_requesters:
+            raise _ApiError(
+                403,
+                "Forbidden",
+                f'serviceaccounts "{name}" is forbidden: User "{caller}" cannot create resource '
+                f'"serviceaccounts/token" in API group "" in the namespace "{namespace}"',
+                name=name,
+                kind="serviceaccounts",
+            )
+        spec = (body or {}).get("spec") if isinstance(body, dict) else None
+        if not isinstance(spec, dict):
+            raise _ApiError(400, "BadRequest", "the body of the request was not a TokenRequest")
+        seconds = int(spec.get("expirationSeconds") or 3600)
+        if seconds < 600:
+            raise _ApiError(
+                422,
+                "Invalid",
+                f'TokenRequest.authentication.k8s.io "{name}" is invalid: '
+                f"spec.expirationSeconds: Invalid value: {seconds}: may not specify a duration "
+                "less than 10 minutes",
+            )
+        audiences = list(spec.get("audiences") or API_AUDIENCES)
+        self.token_requests.append({"namespace": namespace, "name": name, "spec": dict(spec)})
+        token = self.issuer.issue(namespace, name, audiences, expires_in_s=seconds)
+        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+        return {
+            "kind": "TokenRequest",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"audiences": audiences, "expirationSeconds": seconds, "boundObjectRef": None},
+            "status": {
+                "token": token,
+                "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            },
+        }
+
     def dspa(self, path: str) -> dict[str, Any]:
         match = _DSPA.match(path)
         key = (match["ns"], match["name"]) if match else None
@@ -309,12 +361,19 @@ def _handler_class(api: KubeApiStandin) -> type[BaseHTTPRequestHandler]:
             api.seen_auth.append(self.headers.get("Authorization"))
             try:
                 caller = api._caller(self.headers.get("Authorization"))
-                if method == "POST" and path == TOKENREVIEWS:
+                requested = _TOKEN_REQUEST.match(path)
+                if method == "POST" and (path == TOKENREVIEWS or requested):
                     try:
                         body = json.loads(raw)
                     except ValueError:
                         raise _ApiError(400, "BadRequest", "the body is not JSON") from None
-                    code, payload = 201, api.review(caller, body)
+                    if requested:
+                        payload = api.token_request(
+                            caller, requested["ns"], requested["name"], body
+                        )
+                    else:
+                        payload = api.review(caller, body)
+                    code = 201
                 elif method == "GET":
                     code, payload = 200, api.dspa(path)
                 else:
