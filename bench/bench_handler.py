@@ -7,7 +7,10 @@ access log) on 127.0.0.1, in one run:
 - ``checks``: bare plus the handler's own checks (contract schema, ``check_request``), answering
   200 with no reply and storing nothing: the floor of any handler that validates on ingress;
 - ``handler``: the real app (``KFP_TRAINER_DB_SYNC=normal``, the default) over a fresh store;
-- ``handler-full``: the same with ``KFP_TRAINER_DB_SYNC=full`` (an fsync per accepted request).
+- ``handler-full``: the same with ``KFP_TRAINER_DB_SYNC=full`` (an fsync per accepted request);
+- ``handler-auth``: the handler with identity checks on (``KFP_TRAINER_AUTH=true``) against the
+  Kubernetes API stand-in (tests/k8s_standin); every request carries the same token, so after a
+  worker's first TokenReview its answer comes from the cache: the steady cost of the checks.
 
 The handler's backend is chosen by configuration: ``hold`` (accept, never start: the ingress
 path alone, the default) or ``noop`` (start and complete every job at once). A bounded load
@@ -42,6 +45,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.k8s_standin import KubeApiStandin  # noqa: E402
 from tests.support.jobs import job_request  # noqa: E402
 
 JOB_REQUESTED = "io.llamastack.posttraining.job.requested"
@@ -177,7 +181,26 @@ class Server:
         self.sock.close()
 
 
-def _client(port: int, prefix: str, count: int, threads: int, dataset: str, out: Any) -> None:
+REQUESTER = ("kfp-trainer", "kfp-trainer-job-requested-oidc-eventing.knative.dev-trigger")
+
+
+def _auth_env(api: KubeApiStandin, base: Path) -> dict[str, str]:
+    """The handler's identity settings against ``api``; only REQUESTER may request jobs."""
+    api.grant_token_review("system:serviceaccount:kfp-trainer:kfp-trainer-handler")
+    token_file = base / "handler-token"
+    token_file.write_text(api.service_account_token("kfp-trainer", "kfp-trainer-handler"))
+    return {
+        "KFP_TRAINER_AUTH": "true",
+        "KFP_TRAINER_AUTH_API_URL": api.url,
+        "KFP_TRAINER_AUTH_TOKEN_PATH": str(token_file),
+        "KFP_TRAINER_AUTH_CA_PATH": str(api.ca_file),
+        "KFP_TRAINER_AUTH_REQUESTERS": f"system:serviceaccount:{REQUESTER[0]}:{REQUESTER[1]}",
+    }
+
+
+def _client(
+    port: int, prefix: str, count: int, threads: int, dataset: str, token: str, out: Any
+) -> None:
     """One client process: ``threads`` threads sharing ``count`` requests; latencies in ms."""
     import threading
 
@@ -186,6 +209,7 @@ def _client(port: int, prefix: str, count: int, threads: int, dataset: str, out:
         "ce-source": "/bench",
         "ce-type": JOB_REQUESTED,
         "Content-Type": "application/json",
+        "Authorization": f"Bearer {token}",  # only handler-auth reads it
     }
     lat: list[float] = []
     errors: list[str] = []
@@ -229,12 +253,14 @@ def _client(port: int, prefix: str, count: int, threads: int, dataset: str, out:
     out.put((lat, errors[:5], len(errors)))
 
 
-def run_load(port: int, prefix: str, requests: int, procs: int, threads: int, dataset: str):
+def run_load(
+    port: int, prefix: str, requests: int, procs: int, threads: int, dataset: str, token: str
+):
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     per = [requests // procs + (1 if i < requests % procs else 0) for i in range(procs)]
     workers = [
-        ctx.Process(target=_client, args=(port, f"{prefix}-p{i}", n, threads, dataset, out))
+        ctx.Process(target=_client, args=(port, f"{prefix}-p{i}", n, threads, dataset, token, out))
         for i, n in enumerate(per)
     ]
     t0 = time.perf_counter()
@@ -278,8 +304,12 @@ def main() -> int:
     args = parser.parse_args()
     procs, threads = (int(x) for x in args.clients.split("x"))
 
-    with tempfile.TemporaryDirectory(prefix="bench-handler-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-handler-") as tmp,
+        KubeApiStandin(Path(tmp) / "kube-api") as api,
+    ):
         base = Path(tmp)
+        token = api.service_account_token(*REQUESTER, audiences=["kfp-trainer-handler"])
         dataset = base / "train.jsonl"
         dataset.write_text('{"chat_completion_input": "[]", "expected_answer": "x"}\n')
         (base / "models" / "llama3.2-tiny").mkdir(parents=True)
@@ -299,6 +329,10 @@ def main() -> int:
                 "handler:create_app()",
                 {**env, "KFP_TRAINER_DB_SYNC": "full", "KFP_TRAINER_STATE_DIR": str(base / "full")},
             ),
+            "handler-auth": (
+                "handler:create_app()",
+                {**env, **_auth_env(api, base), "KFP_TRAINER_STATE_DIR": str(base / "auth")},
+            ),
         }
         servers: dict[str, Server] = {}
         stats = {name: {"rps": [], "lat": [], "cpu": []} for name in apps}
@@ -308,19 +342,20 @@ def main() -> int:
                     app, app_env, base / f"{name}.log", args.workers, args.threads
                 )
             for server in servers.values():  # warm: imports, schema cache, connections
-                run_load(server.port, "warm", 100, procs, threads, str(dataset))
+                run_load(server.port, "warm", 100, procs, threads, str(dataset), token)
                 server.settle()
             for r in range(args.rounds):
                 for name, server in servers.items():
                     cpu = server.cpu_s()
                     rps, lat = run_load(
-                        server.port, f"r{r}", args.requests, procs, threads, str(dataset)
+                        server.port, f"r{r}", args.requests, procs, threads, str(dataset), token
                     )
                     stats[name]["cpu"].append((server.cpu_s() - cpu) / args.requests * 1e6)
                     stats[name]["rps"].append(rps)
                     stats[name]["lat"].extend(lat)
                     server.settle()
         finally:
+            reviewed = len(api.reviews)
             for server in servers.values():
                 server.stop()
             if args.logs:
@@ -343,6 +378,13 @@ def main() -> int:
             f"{name:13s} {rps:8.1f} {_pct(st['lat'], 0.5):7.2f} {_pct(st['lat'], 0.99):7.2f} "
             f"{statistics.median(st['cpu']):10.0f} {rps / bare_rps:5.2f}x"
         )
+    auth = statistics.median(stats["handler-auth"]["rps"]) / statistics.median(
+        stats["handler"]["rps"]
+    )
+    print(
+        f"handler-auth: {auth:.2f}x handler; {reviewed} TokenReviews for "
+        f"{100 + args.rounds * args.requests} requests ({args.workers} workers)"
+    )
     ratio = statistics.median(stats["handler"]["rps"]) / bare_rps
     p99 = _pct(stats["handler"]["lat"], 0.99)
     print(f"targets: handler >= 0.90x bare (got {ratio:.2f}x), p99 <= 20 ms (got {p99:.2f} ms)")
