@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from handler.settings import HandlerSettings
 
 EXTENSION = "kfp_trainer"
+SERVICE_NAME = "kfp-trainer-handler"
 
 
 def create_app(settings: HandlerSettings | None = None) -> Flask:
@@ -26,12 +27,14 @@ def create_app(settings: HandlerSettings | None = None) -> Flask:
     """
     from flask import Flask
 
-    from handler import errors, events, identity, logs, status
+    from handler import errors, events, identity, logs, metrics, status
     from handler.service import create_service
     from handler.settings import HandlerSettings
+    from pipelines import tracing
 
     settings = settings or HandlerSettings.from_env()
     logs.configure(settings.log_level)
+    tracing.init(SERVICE_NAME)  # OTEL_* variables; nothing is exported without an endpoint
     app = Flask(__name__)
     app.config.update(KFP_TRAINER_SETTINGS=settings, JSON_SORT_KEYS=False)
     service = create_service(settings)
@@ -41,4 +44,5 @@ def create_app(settings: HandlerSettings | None = None) -> Flask:
     errors.init_app(app)
     app.register_blueprint(events.bp)
     app.register_blueprint(status.bp)
+    metrics.init_app(app)
     return app

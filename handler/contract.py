@@ -11,7 +11,7 @@ attributes, the data and the rules (deterministic ids, required subject, schema 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cache
@@ -58,6 +58,8 @@ JSON_FORMAT: Final = JSONFormat()
 # job_uuid values the schema's character class allows but the contract refuses.
 _DOT_SEGMENTS: Final = (".", "..")
 JSON_CONTENT_TYPE: Final = "application/json"
+# The CloudEvents distributed-tracing extension: the W3C Trace Context of the event's job.
+TRACE_ATTRIBUTES: Final = ("traceparent", "tracestate")
 
 
 class JobStatus(StrEnum):
@@ -228,6 +230,7 @@ class JobEvent:
     source: str
     subject: str | None
     data: dict[str, Any]
+    trace: dict[str, str] = field(default_factory=dict)  # traceparent, tracestate
 
 
 def parse_event(event: BaseCloudEvent, accepted: tuple[str, ...] = CONSUMED_TYPES) -> JobEvent:
@@ -262,7 +265,13 @@ def parse_event(event: BaseCloudEvent, accepted: tuple[str, ...] = CONSUMED_TYPE
         source=event.get_source(),
         subject=event.get_subject(),
         data=data,
+        trace=trace_of(event),
     )
+
+
+def trace_of(event: BaseCloudEvent) -> dict[str, str]:
+    """The event's distributed-tracing extension attributes ({} when it has none)."""
+    return {k: str(v) for k in TRACE_ATTRIBUTES if (v := event.get_extension(k))}
 
 
 def make_event(

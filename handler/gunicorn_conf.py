@@ -7,13 +7,18 @@ full ``GUNICORN_BIND`` such as ``127.0.0.1:9000`` or ``fd://3``), ``GUNICORN_WOR
 factory (no preload), so each worker has its own store connections and threads; the hooks
 below start those threads as soon as the worker boots (queued jobs continue after a restart
 without waiting for a request) and stop them on SIGTERM. Logs, access log included, are JSON
-lines on stdout.
+lines on stdout. Metrics use prometheus_client's multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR``
+(a fresh temporary directory unless the deployment names one) is emptied when gunicorn starts,
+and a dead worker's files are marked by ``child_exit``, so ``/metrics`` sums the live workers
+and keeps the counts of those gone.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from handler.settings import SettingsError, env_int
@@ -58,6 +63,23 @@ logconfig_dict: dict[str, Any] = {
 }
 
 
+def on_starting(server: Any) -> None:
+    """Give the workers (forked later, so they inherit it) one metrics directory, from zero:
+    files a previous gunicorn left are not ours to sum. The master never imports
+    prometheus_client before this, which picks its multiprocess storage at import."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="kfp-trainer-metrics-")
+    for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        stale.unlink(missing_ok=True)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker is gone: its gauges go, its counters stay in the sum (prometheus_client)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
 def _service(worker: Any) -> Any:
     app = getattr(worker, "wsgi", None)
     return getattr(app, "extensions", {}).get("kfp_trainer")
@@ -76,7 +98,10 @@ def post_worker_init(worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """Stop the threads and hand this worker's running jobs back for adoption."""
+    """Stop the threads, hand this worker's running jobs back for adoption, export its spans."""
+    from pipelines import tracing
+
     service = _service(worker)
     if service is not None:
         service.stop(timeout=max(1.0, graceful_timeout - 2))
+    tracing.shutdown()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final
 
 from cloudevents.core.base import BaseCloudEvent
 
-from handler import contract, logs
+from handler import contract, logs, metrics
 from handler.settings import HandlerSettings
 from handler.store import JobStore, OutboxRow
 
@@ -102,6 +102,7 @@ class Outbox:
             return
         attempts = row.attempts + 1
         delay = self.backoff(attempts)
+        metrics.DELIVERY_FAILURES.labels(metrics.event_label(row.type)).inc()
         level = "error" if attempts >= self.settings.delivery_attempts else "warning"
         getattr(log, level)(
             "event not delivered; will retry",

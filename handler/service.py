@@ -8,6 +8,10 @@ watches the runs it owns and records their end; the outbox loop delivers emitted
 Job life: ``queued`` -> ``starting`` (claimed, submit in flight) -> ``running`` -> ``completed``
 | ``failed`` | ``cancelled``. Each change and the event announcing it are one store transaction;
 docs/events.md says which event goes where.
+
+Tracing: a ``job.requested`` span continues the event's ``traceparent``; the job keeps that
+span's context (``request["trace"]``), so the ``submit`` and ``job ended`` spans join the same
+trace, the run gets it as a parameter and every emitted event carries it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any, Final
 from cloudevents.core.base import BaseCloudEvent
 from cloudevents.core.bindings.http import HTTPMessage
 
-from handler import contract, ingress, logs, procs
+from handler import contract, ingress, logs, metrics, procs
 from handler.backends import load_backend
 from handler.backends.base import Backend, BackendRejected, BackendUnavailable, RunState
 from handler.contract import JobStatus
@@ -42,10 +46,14 @@ from handler.store import (
     StoreUnavailable,
     new_job,
 )
+from pipelines import tracing
+from pipelines.pipeline import TRACE_FIELD
 
 __all__ = ["HandlerService", "Reply", "create_service"]
 
 log = logs.get("handler.service")
+TRACER: Final = "handler"
+CONSUMER: Final = tracing.trace.SpanKind.CONSUMER
 
 TICK_S: Final = 0.5  # how often a worker looks for work queued by other workers
 ADOPT_EVERY_S: Final = 2.0
@@ -239,7 +247,15 @@ class HandlerService:
         try:
             event = ingress.decode(message, max_body_bytes=self.settings.max_body_bytes)
             if event.type == contract.JOB_REQUESTED:
-                return self._requested(event.data)
+                attributes = {"job_uuid": event.data["job_uuid"]}
+                with tracing.span(
+                    TRACER,
+                    "job.requested",
+                    parent=event.trace,
+                    kind=CONSUMER,
+                    attributes=attributes,
+                ):
+                    return self._requested(event.data)
             if event.type == contract.JOB_CANCEL_REQUESTED:
                 return self._cancel(event.data["job_uuid"])
             if event.type == contract.RUN_FINISHED:
@@ -248,7 +264,21 @@ class HandlerService:
         except Exception as exc:
             return error_reply(exc, retry_after_s=self.settings.retry_after_s)
 
+    def _job_span(self, name: str, job: Job, **attributes: Any) -> Any:
+        """A span of this job's trace (a child of the span that accepted it)."""
+        attributes["job_uuid"] = job.job_uuid
+        return tracing.span(
+            TRACER, name, parent=job.request.get(TRACE_FIELD), attributes=attributes
+        )
+
+    def _emit(self, event_type: str, job: Job, seq: int | None = None) -> BaseCloudEvent:
+        """:meth:`_event`, for a change the store commits with it (counted as emitted)."""
+        counted(event_type, job)
+        return self._event(event_type, job, seq)
+
     def _event(self, event_type: str, job: Job, seq: int | None = None) -> BaseCloudEvent:
+        """An emitted event, carrying the active span's trace context, else the job's."""
+        trace = tracing.carrier() or job.request.get(TRACE_FIELD) or {}
         time_ = None
         if event_type == contract.JOB_SCHEDULED:
             time_ = datetime.fromisoformat(job.scheduled_at.replace("Z", "+00:00"))
@@ -258,7 +288,7 @@ class HandlerService:
             job.to_status(),
             seq=seq,
             time=time_,
-            extensions=self.settings.ce_overrides,
+            extensions={**self.settings.ce_overrides, **trace},
         )
 
     def _resolve(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -305,11 +335,14 @@ class HandlerService:
             if existing is None:
                 raise
             return self._redelivered(existing, digest)
+        if trace := tracing.carrier():
+            request = {**request, TRACE_FIELD: trace}
         fresh = new_job(job_uuid=job_uuid, digest=digest, request=request, scheduled_at=now_iso())
         event = self._event(contract.JOB_SCHEDULED, fresh)
         job, created = self.store.insert_job(fresh, event)
         if not created:
             return self._redelivered(job, digest)
+        counted(contract.JOB_SCHEDULED, job)
         log.info("job queued", extra={"job_uuid": job_uuid, "model": data["model"]})
         if self._limit != 0:  # a backend that starts nothing (hold) has no dispatcher work
             self._wake_dispatch.set()
@@ -378,7 +411,7 @@ class HandlerService:
                 "cancel_requested": 1,
                 "completed_at": now_iso(),
             },
-            emit=lambda j: self._event(contract.JOB_CANCELLED, j),
+            emit=lambda j: self._emit(contract.JOB_CANCELLED, j),
         )
         if dropped is not None:
             log.info("queued job cancelled", extra={"job_uuid": job_uuid})
@@ -467,6 +500,7 @@ class HandlerService:
             running, self._event(contract.JOB_SCHEDULED, queued)
         )
         if created:
+            counted(contract.JOB_SCHEDULED, job)
             log.info(
                 "adopted job from the backend",
                 extra={"job_uuid": job_uuid, "run_id": state.run_id, "status": state.status.value},
@@ -526,21 +560,28 @@ class HandlerService:
     def _apply(self, job: Job, state: RunState) -> Job | None:
         """Record what the backend reported; emit the terminal or (throttled) progress event."""
         if state.status.terminal:
-            status, fields = self._terminal_fields(job, state)
-            done = self.store.update(
-                job.job_uuid,
-                when=lambda j: not j.terminal,
-                change=lambda j: fields,
-                emit=lambda j: self._event(contract.STATUS_EVENT_TYPE[status], j),
+            with self._job_span("job ended", job, status=state.status.value):
+                return self._end(job, state)
+        return self._progressed(job, state)
+
+    def _end(self, job: Job, state: RunState) -> Job | None:
+        status, fields = self._terminal_fields(job, state)
+        done = self.store.update(
+            job.job_uuid,
+            when=lambda j: not j.terminal,
+            change=lambda j: fields,
+            emit=lambda j: self._emit(contract.STATUS_EVENT_TYPE[status], j),
+        )
+        if done is not None:
+            self._cancel_sent.pop(job.job_uuid, None)
+            log.info(
+                "job ended",
+                extra={"job_uuid": job.job_uuid, "status": status.value, "error": done.error},
             )
-            if done is not None:
-                self._cancel_sent.pop(job.job_uuid, None)
-                log.info(
-                    "job ended",
-                    extra={"job_uuid": job.job_uuid, "status": status.value, "error": done.error},
-                )
-                self._emitted()
-            return done
+            self._emitted()
+        return done
+
+    def _progressed(self, job: Job, state: RunState) -> Job | None:
         progress = _progress(state.progress)
         if progress is None or progress == job.progress or job.state != RUNNING:
             return None
@@ -562,7 +603,7 @@ class HandlerService:
             job.job_uuid,
             when=lambda j: j.state == RUNNING,
             change=lambda j: fields,
-            emit=(lambda j: self._event(contract.JOB_PROGRESS, j, seq=step)) if due else None,
+            emit=(lambda j: self._emit(contract.JOB_PROGRESS, j, seq=step)) if due else None,
         )
 
     # -- the dispatcher ------------------------------------------------------------------------
@@ -572,15 +613,19 @@ class HandlerService:
             job.job_uuid,
             when=lambda j: not j.terminal,
             change=lambda j: {"state": "failed", "completed_at": now_iso(), "error": error},
-            emit=lambda j: self._event(contract.JOB_FAILED, j),
+            emit=lambda j: self._emit(contract.JOB_FAILED, j),
         )
         log.warning("job failed to start", extra={"job_uuid": job.job_uuid, "error": error})
         self._emitted()
 
     def _submit(self, job: Job) -> None:
         """Start the run for a job this worker has claimed (state ``starting``)."""
+        with self._job_span("submit", job):
+            self._start_run(job)
+
+    def _start_run(self, job: Job) -> None:
         try:
-            run_id = self.backend.submit(job.request)
+            run_id = self.backend.submit({**job.request, TRACE_FIELD: tracing.carrier()})
         except BackendUnavailable as exc:
             delay = self.outbox.backoff(job.submit_attempts + 1)
             requeued = self.store.update(
@@ -597,7 +642,7 @@ class HandlerService:
                     }
                 ),
                 emit=lambda j: (
-                    self._event(contract.JOB_CANCELLED, j) if j.state == "cancelled" else None
+                    self._emit(contract.JOB_CANCELLED, j) if j.state == "cancelled" else None
                 ),
             )
             log.warning(
@@ -618,11 +663,12 @@ class HandlerService:
             job.job_uuid,
             when=lambda j: j.state == STARTING and j.owner == self.owner,
             change=lambda j: {"state": RUNNING, "run_id": run_id, "started_at": now_iso()},
-            emit=lambda j: self._event(contract.JOB_STARTED, j),
+            emit=lambda j: self._emit(contract.JOB_STARTED, j),
         )
         if running is None:
             log.warning("job changed hands during submit", extra={"job_uuid": job.job_uuid})
             return
+        metrics.JOBS_SUBMITTED.inc()
         log.info("job started", extra={"job_uuid": job.job_uuid, "run_id": run_id})
         self._emitted()
         if running.cancel_requested:
@@ -700,6 +746,13 @@ class HandlerService:
                 continue
             self._wake_outbox.wait(TICK_S)
             self._wake_outbox.clear()
+
+
+def counted(event_type: str, job: Job) -> None:
+    """Count an emitted event; a terminal one also counts the job as ended in its state."""
+    metrics.EVENTS_EMITTED.labels(metrics.event_label(event_type)).inc()
+    if event_type in contract.TERMINAL_TYPES:
+        metrics.JOBS_ENDED.labels(event_type.rsplit(".", 1)[-1]).inc()
 
 
 def _check_overrides(settings: HandlerSettings) -> None:

@@ -36,7 +36,7 @@ from torchtune.models.convert_weights import (
 )
 from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
 
-from pipelines import hf_tokenizer, layouts
+from pipelines import hf_tokenizer, layouts, storage, tracing
 from pipelines.bpe import write_ranks
 from pipelines.modeling import BaseCheckpoint
 from pipelines.publish import staged_dir
@@ -218,12 +218,28 @@ def save_checkpoint(
     identifier: str,
     checkpoint_format: str,
 ) -> Path:
-    """Write ``root/identifier`` (merged model + ``adapter/``) atomically; return its path."""
+    """Write ``root/identifier`` (merged model + ``adapter/``) atomically; return its path.
+
+    A ``save checkpoint`` span (identifier, format, bytes written) covers the write.
+    """
+    attributes = {"identifier": identifier, "checkpoint_format": checkpoint_format}
+    with tracing.span("pipelines", "save checkpoint", attributes=attributes) as span:
+        path = _save(model, base, algo, Path(root) / identifier, checkpoint_format)
+        span.set_attribute("bytes", storage.size_of(path))
+    return path
+
+
+def _save(
+    model: nn.Module,
+    base: BaseCheckpoint,
+    algo: dict[str, Any],
+    final: Path,
+    checkpoint_format: str,
+) -> Path:
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format {checkpoint_format!r}: expected meta or huggingface")
     if base.dtype is None:
         raise ValueError("the base weights were never loaded (BaseCheckpoint.load_state_dict)")
-    final = Path(root) / identifier
     with staged_dir(final) as tmp:
         adapter_dir = tmp / ADAPTER_DIR
         adapter_dir.mkdir()

@@ -101,8 +101,8 @@ def _state_dir() -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines import logs
-    from pipelines.local import run_request
+    from pipelines import logs, tracing
+    from pipelines.local import SERVICE_NAME, run_request
     from pipelines.settings import PipelineSettings
     from pipelines.staging import StagingError, resolve_model_uri
     from pipelines.storage import StorageUnavailable
@@ -127,8 +127,15 @@ def _run(args: argparse.Namespace) -> int:
     problems = check_request(request)
     if problems:
         return _fail(request, "; ".join(problems), args.out)
+    logs.set_job(request["job_uuid"])
     workdir = args.workdir or _state_dir() / "runs" / request["job_uuid"]
-    result = run_request(request, settings=settings, workdir=workdir, progress_path=args.progress)
+    tracing.init(SERVICE_NAME)
+    try:
+        result = run_request(
+            request, settings=settings, workdir=workdir, progress_path=args.progress
+        )
+    finally:
+        tracing.flush()
     print(result.to_json())
     if args.out:
         result.write(args.out)

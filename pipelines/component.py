@@ -24,24 +24,30 @@ def train(
     result_uri: str,
     cache_dir: str,
     model: dsl.Output[dsl.Model],
+    metrics: dsl.Output[dsl.Metrics],
+    traceparent: str = "",
+    tracestate: str = "",
 ):
-    """LoRA fine-tuning with torchtune; the output model's metadata is the RunResult."""
-    from pipelines.component_impl import run_train
+    """LoRA fine-tuning with torchtune; the output model's metadata is the RunResult, the
+    metrics (loss, tokens/s, memory per epoch) are what the KFP UI shows for the run."""
+    from pipelines.component_impl import run_train, training_metrics
 
-    model.metadata.update(
-        run_train(
-            job_uuid=job_uuid,
-            request_json=request_json,
-            model_uri=model_uri,
-            dataset_uri=dataset_uri,
-            validation_dataset_uri=validation_dataset_uri,
-            checkpoint_format=checkpoint_format,
-            progress_path=progress_path,
-            result_uri=result_uri,
-            cache_dir=cache_dir,
-            artifact_path=model.path,
-        )
+    result = run_train(
+        job_uuid=job_uuid,
+        request_json=request_json,
+        model_uri=model_uri,
+        dataset_uri=dataset_uri,
+        validation_dataset_uri=validation_dataset_uri,
+        checkpoint_format=checkpoint_format,
+        progress_path=progress_path,
+        result_uri=result_uri,
+        cache_dir=cache_dir,
+        artifact_path=model.path,
+        trace={"traceparent": traceparent, "tracestate": tracestate},
     )
+    model.metadata.update(result)
+    for name, value in training_metrics(result).items():
+        metrics.log_metric(name, value)
 
 
 def notify(
@@ -51,6 +57,8 @@ def notify(
     run_id: str,
     status: dsl.PipelineTaskFinalStatus,
     notify_window_s: float,
+    traceparent: str = "",
+    tracestate: str = "",
 ):
     """Exit task: POST a run-finished CloudEvent (when notify_url is set), whatever happened."""
     from pipelines.notify import post_run_finished
@@ -63,6 +71,7 @@ def notify(
         status.state,
         status.error_message or None,
         window_s=notify_window_s,
+        trace={"traceparent": traceparent, "tracestate": tracestate},
     )
 
 

@@ -9,6 +9,9 @@ can be imported, tested and benchmarked like any other code:
 4. publish: with an s3:// ``result_uri`` upload each checkpoint under it and rewrite paths; with
    a local one the checkpoints are written there in place. ``result.json`` goes last, so its
    presence means everything it points to exists. A failure writes a failed result.json.
+
+The task continues the job's trace (the ``traceparent`` parameter) with a ``train`` span and a
+child span per step above, the recipe's epochs and checkpoints included (pipelines/tracing.py).
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from pipelines import logs, storage
+from pipelines import logs, storage, tracing
 from pipelines.data import DatasetError
 from pipelines.logs import event
 from pipelines.progress import ProgressReporter
@@ -35,6 +39,8 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 CHECKPOINTS_DIR = "checkpoints"
+TRACER: Final = "pipelines"
+SERVICE_NAME: Final = "kfp-trainer-train"
 
 
 class TrainingFailed(RuntimeError):
@@ -78,7 +84,26 @@ def _check_file(field: str, path: Path, ref: dict[str, Any]) -> None:
             )
 
 
+def _read_dataset(field: str, path: Path, ref: dict[str, Any]) -> None:
+    """Read a fetched dataset (JSONL, one row a line) and check it against its reference."""
+    with tracing.span(TRACER, "read dataset", attributes={"dataset": field}) as span:
+        _check_file(field, path, ref)
+        with path.open("rb") as f:
+            rows = sum(1 for line in f if line.strip())
+        span.set_attributes({"rows": rows, "bytes": path.stat().st_size})
+
+
 def _fetch_model(uri: str, cache_dir: Path, sha256: str | None = None) -> Path:
+    with tracing.span(TRACER, "fetch model", attributes={"uri": uri}) as span:
+        path = _download_model(uri, cache_dir, sha256)
+        span.set_attribute("bytes", storage.size_of(path))
+    with tracing.span(TRACER, "extract model", attributes={"path": str(path)}) as span:
+        staged = stage_model(path, cache_dir)
+        span.set_attribute("bytes", storage.size_of(staged))
+    return staged
+
+
+def _download_model(uri: str, cache_dir: Path, sha256: str | None) -> Path:
     if storage.is_s3(uri):
         key = storage.fingerprint(uri)
         slot = cache_dir / "downloads" / key
@@ -107,7 +132,7 @@ def _fetch_model(uri: str, cache_dir: Path, sha256: str | None = None) -> Path:
                 level=logging.WARNING,
                 path=str(path),
             )
-    return stage_model(path, cache_dir)
+    return path
 
 
 def _publish(result: RunResult, result_uri: str, checkpoint_root: Path) -> RunResult:
@@ -119,7 +144,9 @@ def _publish(result: RunResult, result_uri: str, checkpoint_root: Path) -> RunRe
         dest = storage.join(
             result_uri, CHECKPOINTS_DIR, src.relative_to(checkpoint_root).as_posix()
         )
-        storage.publish(src, dest)
+        with tracing.span(TRACER, "upload checkpoint", attributes={"uri": dest}) as span:
+            storage.publish(src, dest)
+            span.set_attribute("bytes", storage.size_of(src))
         ckpt["path"] = dest
         event(log, "checkpoint uploaded", identifier=ckpt["identifier"], uri=dest)
     return result
@@ -146,12 +173,48 @@ def run_train(
     result_uri: str = "",
     cache_dir: str = "",
     artifact_path: str = "",
+    trace: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run one job's training; return the RunResult dict (the output artifact's metadata).
 
+    ``trace`` (traceparent, tracestate) is the job's trace context; the task's spans join it.
+
     :raises TrainingFailed: after writing a failed result.json, naming the problem.
     """
-    logs.configure(os.environ.get("KFP_TRAINER_LOG_LEVEL", "INFO"), stream=None)
+    logs.configure(os.environ.get("KFP_TRAINER_LOG_LEVEL", "INFO"))
+    logs.set_job(job_uuid)
+    tracing.init(SERVICE_NAME)
+    try:
+        with tracing.span(TRACER, "train", parent=trace, attributes={"job_uuid": job_uuid}):
+            return _train(
+                job_uuid=job_uuid,
+                request_json=request_json,
+                model_uri=model_uri,
+                dataset_uri=dataset_uri,
+                validation_dataset_uri=validation_dataset_uri,
+                checkpoint_format=checkpoint_format,
+                progress_path=progress_path,
+                result_uri=result_uri,
+                cache_dir=cache_dir,
+                artifact_path=artifact_path,
+            )
+    finally:
+        tracing.flush()
+
+
+def _train(
+    *,
+    job_uuid: str,
+    request_json: str,
+    model_uri: str,
+    dataset_uri: str,
+    validation_dataset_uri: str,
+    checkpoint_format: str,
+    progress_path: str,
+    result_uri: str,
+    cache_dir: str,
+    artifact_path: str,
+) -> dict[str, Any]:
     artifact_dir = Path(artifact_path) if artifact_path else None
     scratch = Path(tempfile.mkdtemp(prefix=f"kfp-trainer-{job_uuid}-"))
     try:
@@ -174,17 +237,17 @@ def run_train(
             result_uri=result_uri or None,
         )
         cache = Path(cache_dir) if cache_dir else scratch / "cache"
+        # The refs' other fields (rows, sha256) came along without their URIs: check against them.
+        refs = {
+            k: request.pop(k, None) or {}
+            for k in ("dataset", "validation_dataset", "model_artifact")
+        }
         dataset = storage.fetch(dataset_uri, scratch / "dataset")
         validation = (
             storage.fetch(validation_dataset_uri, scratch / "validation")
             if validation_dataset_uri
             else None
         )
-        # The refs' other fields (rows, sha256) came along without their URIs: check against them.
-        refs = {
-            k: request.pop(k, None) or {}
-            for k in ("dataset", "validation_dataset", "model_artifact")
-        }
         request["dataset"] = {"uri": str(dataset)}
         if validation:
             request["validation_dataset"] = {"uri": str(validation)}
@@ -192,9 +255,9 @@ def run_train(
         from pipelines.validation import require_valid
 
         require_valid(request)
-        _check_file("dataset", dataset, refs["dataset"])
+        _read_dataset("dataset", dataset, refs["dataset"])
         if validation:
-            _check_file("validation_dataset", validation, refs["validation_dataset"])
+            _read_dataset("validation_dataset", validation, refs["validation_dataset"])
         model_dir = _fetch_model(model_uri, cache, refs["model_artifact"].get("sha256"))
         target = local_path(result_uri) if result_uri else None
         if target is not None:
@@ -245,4 +308,19 @@ def run_train(
         gc.freeze()
 
 
-__all__ = ["CHECKPOINTS_DIR", "RESULT_FILE", "TrainingFailed", "run_train"]
+def training_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The run's numbers as KFP metrics: every number of each epoch's entry (loss, tokens/s,
+    memory, whatever the recipe reports) as ``epoch<N>_<name>``, plus the run's peak memory."""
+    out: dict[str, float] = {}
+    for entry in result.get("metrics") or []:
+        epoch = entry.get("epoch")
+        for name, value in entry.items():
+            if name != "epoch" and isinstance(value, int | float) and not isinstance(value, bool):
+                out[f"epoch{epoch}_{name}"] = float(value)
+    resources = result.get("resources_allocated") or {}
+    if isinstance(resources.get("peak_memory_bytes"), int | float):
+        out["peak_memory_bytes"] = float(resources["peak_memory_bytes"])
+    return out
+
+
+__all__ = ["CHECKPOINTS_DIR", "RESULT_FILE", "TrainingFailed", "run_train", "training_metrics"]

@@ -15,14 +15,17 @@ import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+from pipelines import logs, tracing
 from pipelines.component_impl import RESULT_FILE
 from pipelines.logs import event
 from pipelines.result import RunResult
 from pipelines.settings import PipelineSettings
 
 log = logging.getLogger(__name__)
+
+SERVICE_NAME: Final = "kfp-trainer-run"
 
 
 def run_request(
@@ -35,12 +38,12 @@ def run_request(
     """Run the whole pipeline for ``request`` and return its result (never raises for a failed
     run: the result says ``failed`` and names the problem).
 
-    ``request`` needs ``model_artifact.uri``. KFP's own log and the tasks' output go to stderr,
-    so the caller's stdout stays clean.
+    ``request`` needs ``model_artifact.uri``; its ``trace`` (the job's trace context) is
+    continued by a ``local run`` span, which the tasks continue in turn. KFP's own log and the
+    tasks' output go to stderr as JSON lines (pipelines/logs.py), so the caller's stdout stays
+    clean.
     """
-    from kfp import local
-
-    from pipelines.pipeline import build_pipeline, pipeline_arguments
+    from pipelines.pipeline import TRACE_FIELD, pipeline_arguments
 
     workdir = Path(workdir).resolve()
     result_dir = workdir / "result"
@@ -49,11 +52,31 @@ def run_request(
     workdir.mkdir(parents=True, exist_ok=True)
     if progress_path is not None:
         Path(progress_path).unlink(missing_ok=True)
-    args = pipeline_arguments(
-        request,
-        progress_path=str(Path(progress_path).resolve()) if progress_path else "",
-        result_uri=str(result_dir),
-    )
+    with tracing.span(
+        "pipelines",
+        "local run",
+        parent=request.get(TRACE_FIELD),
+        attributes={"job_uuid": request["job_uuid"]},
+    ):
+        args = pipeline_arguments(
+            {**request, TRACE_FIELD: tracing.carrier()},
+            progress_path=str(Path(progress_path).resolve()) if progress_path else "",
+            result_uri=str(result_dir),
+        )
+        return _run(request, args, settings, workdir, result_file)
+
+
+def _run(
+    request: Mapping[str, Any],
+    args: dict[str, Any],
+    settings: PipelineSettings,
+    workdir: Path,
+    result_file: Path,
+) -> RunResult:
+    from kfp import local
+
+    from pipelines.pipeline import build_pipeline
+
     args["cache_dir"] = str(settings.cache_dir)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
@@ -63,11 +86,15 @@ def run_request(
     )
     pipeline = build_pipeline(settings)
     event(log, "local run starting", job_uuid=request["job_uuid"], workdir=str(workdir))
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+    kfp_output = logs.JsonLineStream(sys.stderr, logging.getLogger("pipelines.kfp"))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(kfp_output):
         # Our image name need not contain "python"; the subprocess runner warns about that.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*remote file.*dsl.importer.*")
-        pipeline(**args)
+        try:
+            pipeline(**args)
+        finally:
+            kfp_output.flush()
     if result_file.is_file():
         result = RunResult.read(result_file)
     else:

@@ -1,53 +1,169 @@
-"""Structured (one JSON object per line) logging for the pipeline's processes.
+"""One log format for every process of this project: one JSON object per line.
 
-Training tasks run as subprocesses (locally) or pods (remotely); their stdout is the only log
-anyone sees, so every line is machine-readable: ``{"ts", "level", "logger", "msg", ...fields}``.
+Each line has ``ts``, ``level``, ``logger`` and ``msg``; ``job_uuid`` while a job is being worked
+on (the call's own ``job_uuid``, else :func:`job_context`'s); ``trace_id`` and ``span_id`` while an
+OpenTelemetry span is active; then every field the call passed in ``extra``; ``exc`` for a
+traceback. python-json-logger writes the JSON. pipelines/ is the lowest layer, so handler/ (and
+gunicorn through it) use this formatter too; the provider logs through llama-stack's logging.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import re
 import sys
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any, Final, TextIO
 
-_FIELDS = "fields"
+from opentelemetry import trace
+from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
+
+COMMON_FIELDS: Final = ("ts", "level", "logger", "msg")
+_RENAMED: Final = {"levelname": "level", "name": "logger", "message": "msg", "exc_info": "exc"}
+_CONFIGURED: Final = "_kfp_trainer_json"
+# LogRecord attributes an ``extra`` key may not overwrite (logging raises KeyError for them).
+_RECORD_ATTRS: Final = frozenset(
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
+)
+
+_ANSI: Final = re.compile(r"\x1b\[[0-9;]*m")
+_LEVEL: Final = re.compile(r"^[\d:.]+ - (DEBUG|INFO|WARNING|ERROR|CRITICAL) - ")
+
+_job_uuid: ContextVar[str | None] = ContextVar("kfp_trainer_job_uuid", default=None)
 
 
-class JsonFormatter(logging.Formatter):
-    """Render a record as one JSON line; ``extra={"fields": {...}}`` adds keys."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        line.update(getattr(record, _FIELDS, None) or {})
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+@contextlib.contextmanager
+def job_context(job_uuid: str | None) -> Iterator[None]:
+    """Every line logged in this context (thread or task) carries ``job_uuid``."""
+    token = _job_uuid.set(job_uuid)
+    try:
+        yield
+    finally:
+        _job_uuid.reset(token)
 
 
-def configure(level: str = "INFO", stream: Any = None) -> None:
-    """Send the ``pipelines`` loggers to ``stream`` (stderr) as JSON lines. Idempotent."""
-    root = logging.getLogger("pipelines")
-    root.setLevel(level.upper())
-    for handler in root.handlers:
-        if getattr(handler, "_kfp_trainer", False):
-            return
+def set_job(job_uuid: str | None) -> None:
+    """For a process that works on one job from start to end (a training task)."""
+    _job_uuid.set(job_uuid)
+
+
+class JsonFormatter(_JsonFormatter):
+    """The one formatter: common fields first, the job and the active span, then extras."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("rename_fields", dict(_RENAMED))
+        kwargs.setdefault("timestamp", "ts")
+        kwargs.setdefault("json_ensure_ascii", False)
+        super().__init__("%(levelname)s %(name)s %(message)s", *args, **kwargs)
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        super().add_fields(log_data, record, message_dict)
+        if log_data.get("job_uuid") is None and (job := _job_uuid.get()) is not None:
+            log_data["job_uuid"] = job
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            log_data.setdefault("trace_id", trace.format_trace_id(context.trace_id))
+            log_data.setdefault("span_id", trace.format_span_id(context.span_id))
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        first = {key: log_data.pop(key) for key in COMMON_FIELDS if key in log_data}
+        return {**first, **log_data}
+
+
+def json_handler(stream: TextIO | None = None) -> logging.Handler:
+    """A stream handler (stderr unless given) writing :class:`JsonFormatter` lines."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
-    handler._kfp_trainer = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.propagate = False
+    setattr(handler, _CONFIGURED, True)
+    return handler
+
+
+def configure(
+    level: str = "INFO",
+    stream: TextIO | None = None,
+    loggers: tuple[str, ...] = ("pipelines",),
+    *,
+    root: bool = True,
+) -> None:
+    """Make this process write JSON lines (to stderr unless given). Idempotent.
+
+    ``loggers`` (ours) get their own handler and stop propagating, so their lines stay JSON
+    while a library swaps the root logger's handlers (KFP's local runner does, for a run's
+    length). With ``root`` the root logger gets one too, so library records share the format
+    (gunicorn configures its own root: handler/gunicorn_conf.py).
+    """
+    for name in (*loggers, "") if root else loggers:
+        logger = logging.getLogger(name or None)
+        if not any(getattr(h, _CONFIGURED, False) for h in logger.handlers):
+            logger.addHandler(json_handler(stream))
+        logger.setLevel(level.upper())
+        if name:
+            logger.propagate = False
+
+
+class JsonLineStream(io.TextIOBase):
+    """A text stream for a library that prints plain lines (KFP's local runner does).
+
+    Lines that already are JSON objects (our tasks' logs, passed through) go to ``target`` as
+    they are; any other line becomes a record of ``logger``, so it comes out in the one format.
+    ``logger`` must not write back into this stream (a ``pipelines`` logger does not).
+    """
+
+    def __init__(self, target: TextIO, logger: logging.Logger) -> None:
+        self._target = target
+        self._logger = logger
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self._line(line)
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        plain = _ANSI.sub("", line).strip()
+        if not plain:
+            return
+        if plain.startswith("{"):
+            try:
+                if isinstance(json.loads(plain), dict):
+                    self._target.write(plain + "\n")
+                    return
+            except ValueError:
+                pass
+        level = _LEVEL.match(plain)
+        if level:
+            plain = plain[level.end() :]
+        self._logger.log(logging.getLevelName(level.group(1)) if level else logging.INFO, plain)
+
+    def flush(self) -> None:
+        if self._partial:
+            line, self._partial = self._partial, ""
+            self._line(line)
+        self._target.flush()
 
 
 def event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log ``msg`` with structured ``fields``."""
-    logger.log(level, msg, extra={_FIELDS: fields})
+    """Log ``msg`` with ``fields`` as JSON fields (a key logging reserves gets a ``_`` suffix)."""
+    extra = {(f"{k}_" if k in _RECORD_ATTRS else k): v for k, v in fields.items()}
+    logger.log(level, msg, extra=extra, stacklevel=2)
 
 
-__all__ = ["JsonFormatter", "configure", "event"]
+__all__ = [
+    "COMMON_FIELDS",
+    "JsonFormatter",
+    "JsonLineStream",
+    "configure",
+    "event",
+    "job_context",
+    "set_job",
+]

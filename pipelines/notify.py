@@ -14,7 +14,8 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Final
 
 from pipelines.logs import event
 from pipelines.settings import NOTIFY_WINDOW_S
@@ -22,6 +23,8 @@ from pipelines.settings import NOTIFY_WINDOW_S
 log = logging.getLogger(__name__)
 
 SOURCE = "kfp-pipeline"
+SERVICE_NAME: Final = "kfp-trainer-notify"
+TRACER: Final = "pipelines"
 
 
 def notice(job_uuid: str, run_id: str, state: str, error: str | None) -> dict[str, Any]:
@@ -32,9 +35,12 @@ def notice(job_uuid: str, run_id: str, state: str, error: str | None) -> dict[st
     return body
 
 
-def headers(event_type: str, job_uuid: str) -> dict[str, str]:
-    """Binary-mode CloudEvent attributes as ``ce-*`` headers (deterministic id)."""
-    return {
+def headers(
+    event_type: str, job_uuid: str, trace: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Binary-mode CloudEvent attributes as ``ce-*`` headers (deterministic id), with the
+    distributed-tracing extension's ``traceparent``/``tracestate`` when ``trace`` has them."""
+    out = {
         "ce-specversion": "1.0",
         "ce-type": event_type,
         "ce-source": SOURCE,
@@ -42,6 +48,8 @@ def headers(event_type: str, job_uuid: str) -> dict[str, str]:
         "ce-subject": job_uuid,
         "content-type": "application/json",
     }
+    out.update({f"ce-{k}": v for k, v in (trace or {}).items() if v})
+    return out
 
 
 def post_run_finished(
@@ -54,22 +62,56 @@ def post_run_finished(
     *,
     window_s: float = NOTIFY_WINDOW_S,
     timeout_s: float = 10.0,
+    trace: Mapping[str, str] | None = None,
 ) -> bool:
     """POST the notice; True when the receiver accepted it (2xx). Never raises.
 
     Retries what a receiver may take later (no answer, 404, 408, 409, 429, 5xx) until
-    ``window_s`` has passed; any other refusal is final.
+    ``window_s`` has passed; any other refusal is final. ``trace`` is the job's trace context:
+    a ``notify`` span continues it and the notice carries that span's.
     """
-    from pipelines import logs
+    from pipelines import logs, tracing
 
     logs.configure(os.environ.get("KFP_TRAINER_LOG_LEVEL", "INFO"))
+    logs.set_job(job_uuid)
+    tracing.init(SERVICE_NAME)
+    try:
+        attributes = {"job_uuid": job_uuid, "state": state}
+        with tracing.span(TRACER, "notify", parent=trace, attributes=attributes):
+            return _post(
+                notify_url,
+                event_type,
+                job_uuid,
+                run_id,
+                state,
+                error,
+                window_s=window_s,
+                timeout_s=timeout_s,
+                trace=tracing.carrier(),
+            )
+    finally:
+        tracing.flush()
+
+
+def _post(
+    notify_url: str,
+    event_type: str,
+    job_uuid: str,
+    run_id: str,
+    state: str,
+    error: str | None,
+    *,
+    window_s: float,
+    timeout_s: float,
+    trace: Mapping[str, str],
+) -> bool:
     if not notify_url:
         event(log, "no notify_url; run-finished notice skipped", job_uuid=job_uuid, state=state)
         return False
     import requests
 
     body = json.dumps(notice(job_uuid, run_id, state, error)).encode()
-    hdrs = headers(event_type, job_uuid)
+    hdrs = headers(event_type, job_uuid, trace)
     deadline = time.monotonic() + window_s
     delay = 0.5
     attempt = 0

@@ -9,7 +9,8 @@ of having KFP's launcher copy a multi-GB model into every pod. Datasets travel a
 never in the spec, so there is no row limit.
 
 ``pipeline_arguments`` turns a job request into the run's parameters; the same dict serves
-local runs and ``create_run_from_pipeline_package``.
+local runs and ``create_run_from_pipeline_package``. The job's trace context travels as the
+``traceparent``/``tracestate`` parameters, so both tasks continue the job's trace.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's real types.
@@ -20,12 +21,15 @@ from pathlib import Path
 from typing import Any, Final
 
 from pipelines.settings import NOTIFY_WINDOW_S, PipelineSettings
+from pipelines.tracing import TRACE_KEYS
 
 PIPELINE_NAME: Final = "llama-stack-lora-finetune"
 TRAIN_TASK: Final = "train"
 NOTIFY_TASK: Final = "notify"
 # Request fields that travel as their own parameters (URIs), not inside request_json.
 _URI_FIELDS: Final = ("dataset", "validation_dataset", "model_artifact")
+# Where the handler keeps the job's W3C trace context in a request; each key is a parameter.
+TRACE_FIELD: Final = "trace"
 
 
 def pipeline_arguments(
@@ -58,6 +62,7 @@ def pipeline_arguments(
     config = {
         k: ({f: x for f, x in v.items() if f != "uri"} if k in _URI_FIELDS else v)
         for k, v in request.items()
+        if k != TRACE_FIELD
     }
     args: dict[str, Any] = {
         "job_uuid": request["job_uuid"],
@@ -74,6 +79,8 @@ def pipeline_arguments(
         args["notify_window_s"] = float(notify_window_s)
     if request.get("checkpoint_format"):
         args["checkpoint_format"] = request["checkpoint_format"]
+    trace = request.get(TRACE_FIELD) or {}
+    args.update({k: str(trace[k]) for k in TRACE_KEYS if trace.get(k)})
     return args
 
 
@@ -146,6 +153,8 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
         notify_event_type: str = "",
         notify_window_s: float = NOTIFY_WINDOW_S,
         cache_dir: str = settings.task_cache_dir,
+        traceparent: str = "",
+        tracestate: str = "",
     ) -> None:
         notify = notify_op(
             job_uuid=job_uuid,
@@ -153,6 +162,8 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
             notify_event_type=notify_event_type,
             notify_window_s=notify_window_s,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            traceparent=traceparent,
+            tracestate=tracestate,
         ).set_caching_options(False)
         notify.set_display_name(NOTIFY_TASK)
         if settings.image_pull_secrets:
@@ -174,6 +185,8 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
                 progress_path=progress_path,
                 result_uri=result_uri,
                 cache_dir=cache_dir,
+                traceparent=traceparent,
+                tracestate=tracestate,
             )
             train.set_display_name(TRAIN_TASK)
             train.after(model, dataset)

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipelines import tracing
 from pipelines.chat_format import IGNORE_INDEX, tokenize
 from pipelines.data import read_dataset
 from pipelines.logs import event
@@ -316,6 +317,7 @@ class Trainer:
         self.model.train()
         for epoch in range(cfg.n_epochs):
             started = time.perf_counter()
+            epoch_span = tracing.start("pipelines", "epoch", attributes={"epoch": epoch})
             epoch_loss, epoch_labels, epoch_inputs, epoch_steps = 0.0, 0, 0, 0
             group_loss, group_labels, in_group = 0.0, 0, 0
             batches = iter(self.train_loader)
@@ -395,6 +397,7 @@ class Trainer:
                 }
             )
             event(log, "epoch finished", **metrics[-1], checkpoint=str(path))
+            tracing.end(*epoch_span, attributes={**metrics[-1], "loss": train_loss})
         peak = _peak_memory(self.device)
         import torch
 

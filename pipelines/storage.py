@@ -337,6 +337,13 @@ def get_bytes(uri: str, client: Any = None) -> bytes:
         raise failure(f"cannot read {uri!r}", exc) from None
 
 
+def size_of(path: Path) -> int:
+    """Bytes in a local file, or in every file under a local directory."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 __all__ = [
     "StorageError",
     "StorageUnavailable",
@@ -353,4 +360,5 @@ __all__ = [
     "publish",
     "put_bytes",
     "s3_client",
+    "size_of",
 ]

@@ -9,7 +9,6 @@ provider's :class:`~provider.state.JobStore`, which the handler's events keep cu
 # these methods' signatures, and string annotations would reach FastAPI unresolved.
 
 import asyncio
-import logging
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -28,24 +27,18 @@ from llama_stack.apis.post_training import (
 from llama_stack.apis.post_training.post_training import AlgorithmConfig
 from llama_stack.providers.datatypes import HealthResponse, HealthStatus
 
+from pipelines import tracing
+from provider import logs
 from provider.config import KfpTrainerConfig
 from provider.request import ADAPTER, build_request
 from provider.staging import FileSink, Sink, StagedDataset, stage_dataset
 from provider.state import JobStore, is_terminal, now_iso, to_job_status
+from provider.tracing import request_context
 from provider.transport import DeliveryFailed, Transport, make_transport
 
-log = logging.getLogger("provider.impl")
-
-
-def _json_logs() -> None:
-    """The provider's own log lines as JSON on stdout, like the handler's (same formatter)."""
-    from handler import logs
-
-    logger = logging.getLogger("provider")
-    if not logger.handlers:
-        logger.addHandler(logs.stdout_handler())
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+log = logs.get("provider.impl")
+TRACER = "provider"
+SERVICE_NAME = "kfp-trainer-provider"
 
 
 class JobNotFound(ValueError):
@@ -107,7 +100,8 @@ class KfpTrainerPostTraining:
 
     async def initialize(self) -> None:
         """Open the job store, start the transport, catch up on jobs that moved while down."""
-        _json_logs()
+        logs.configure()
+        tracing.init(SERVICE_NAME)
         self.config.state_path.mkdir(parents=True, exist_ok=True)
         self._store.start()
         self._transport.start(self._on_update)
@@ -120,6 +114,7 @@ class KfpTrainerPostTraining:
     async def shutdown(self) -> None:
         self._transport.stop()
         self._store.stop()
+        tracing.shutdown()
 
     async def health(self) -> HealthResponse:
         """OK when the handler can take work (in-process service or remote /readyz)."""
@@ -182,6 +177,34 @@ class KfpTrainerPostTraining:
         checkpoint_dir: str | None = None,
         algorithm_config: AlgorithmConfig | None = None,
     ) -> PostTrainingJob:
+        """Start the job's trace (llama-stack's request span continued) and emit the request."""
+        with tracing.span(
+            TRACER,
+            "supervised_fine_tune",
+            parent=request_context(),
+            attributes={"job_uuid": job_uuid, "model": model},
+        ):
+            return await self._fine_tune(
+                job_uuid,
+                training_config,
+                hyperparam_search_config,
+                logger_config,
+                model=model,
+                checkpoint_dir=checkpoint_dir,
+                algorithm_config=algorithm_config,
+            )
+
+    async def _fine_tune(
+        self,
+        job_uuid: str,
+        training_config: TrainingConfig,
+        hyperparam_search_config: dict[str, Any],
+        logger_config: dict[str, Any],
+        *,
+        model: str | None,
+        checkpoint_dir: str | None,
+        algorithm_config: AlgorithmConfig | None,
+    ) -> PostTrainingJob:
         from handler.contract import JOB_REQUESTED, make_event
 
         request = build_request(
@@ -223,7 +246,10 @@ class KfpTrainerPostTraining:
                 )
                 request["validation_dataset"] = val.ref()
                 extra["validation_dataset"] = val.ref()
-            event = make_event(JOB_REQUESTED, self.config.source, request)
+            # The distributed-tracing extension: the handler continues this span's trace.
+            event = make_event(
+                JOB_REQUESTED, self.config.source, request, extensions=tracing.carrier()
+            )
             updates = await asyncio.to_thread(self._transport.send, event)
         except BaseException:
             await self._store.delete(job_uuid)

@@ -12,13 +12,13 @@ the message: the provider's S3 settings need fixing). Either way nothing was sub
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
+from provider import logs
 from provider.config import S3Config
 
-log = logging.getLogger("provider.s3stage")
+log = logs.get("provider.s3stage")
 
 
 class S3Unavailable(TimeoutError):

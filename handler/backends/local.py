@@ -144,8 +144,9 @@ class LocalBackend:
                 proc = subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
+                    # stdout is the command's answer, also in --out; stderr is its JSON log.
+                    stdout=subprocess.DEVNULL,
+                    stderr=log_file,
                     cwd=files["workdir"],
                     start_new_session=True,
                 )

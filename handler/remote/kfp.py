@@ -14,11 +14,12 @@ import json
 import os
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from handler import logs
+from handler import logs, metrics
 from handler.backends.base import BackendUnavailable
 from handler.remote.auth import Token, TokenError, read_token
 from handler.remote.discovery import discover_host
@@ -146,10 +147,15 @@ class KfpClient:
         :raises KfpNotFound: 404. :raises KfpError: any other refusal.
         """
         apis = self._current()
+        operation = _operation(what)
         for attempt in (1, 2):
+            started = time.perf_counter()
             try:
-                return fn(apis)
+                answer = fn(apis)
+                _measured(operation, started, None)
+                return answer
             except Exception as exc:
+                _measured(operation, started, exc)
                 if not _is_remote_failure(exc):
                     raise  # a programming error, not something KFP said
                 status = _status(exc)
@@ -343,6 +349,16 @@ class KfpClient:
             if self._apis is not None:
                 _close(self._apis)
                 self._apis = None
+
+
+def _operation(what: str) -> str:
+    """A call's operation as a metric label: "get run abc" -> "get run"."""
+    return " ".join(word for word in what.split()[:2] if word.isalpha()) or "other"
+
+
+def _measured(operation: str, started: float, exc: BaseException | None) -> None:
+    metrics.KFP_CALLS.labels(operation, metrics.outcome(exc)).inc()
+    metrics.KFP_SECONDS.labels(operation).observe(time.perf_counter() - started)
 
 
 def _is_remote_failure(exc: Exception) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from handler import metrics
 from handler.backends.base import BackendUnavailable
 from handler.settings import RemoteSettings
 
@@ -42,7 +43,23 @@ def s3_client(remote: RemoteSettings) -> Any:
 
     from pipelines.storage import client_config
 
-    return boto3.client("s3", endpoint_url=remote.s3_endpoint_url or None, config=client_config())
+    config = client_config()
+    client = boto3.client("s3", endpoint_url=remote.s3_endpoint_url or None, config=config)
+    client.meta.events.register("after-call.s3", _counted)
+    client.meta.events.register("after-call-error.s3", _counted)
+    return client
+
+
+def _counted(model: Any = None, parsed: Any = None, exception: Any = None, **_: Any) -> None:
+    """botocore's after-call hooks: one count per S3 call, by operation and outcome."""
+    operation = getattr(model, "name", None) or "other"
+    if exception is not None:
+        result = metrics.outcome(exception)
+    else:
+        error = (parsed or {}).get("Error") or {}
+        status = ((parsed or {}).get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        result = "ok" if not error and (status or 200) < 400 else str(error.get("Code") or status)
+    metrics.S3_CALLS.labels(operation, result).inc()
 
 
 def _base(remote: RemoteSettings) -> str:

@@ -17,6 +17,7 @@ from tests.support.gunicorn import Gunicorn
 from tests.support.http_client import curl
 from tests.support.jobs import write_dataset
 from tests.support.loopback import wait_for
+from tests.support.otlp import OtlpReceiver
 from tests.support.sink import Sink
 
 JOB = contract.JOB_REQUESTED
@@ -36,11 +37,14 @@ def env(tmp_path: Path, model_store: Path) -> dict[str, str]:
     }
 
 
-def post(url: str, data: dict[str, Any], event_type: str = JOB) -> tuple[int, dict, Any]:
+def post(
+    url: str, data: dict[str, Any], event_type: str = JOB, *headers: str
+) -> tuple[int, dict, Any]:
     args = [
         *("-H", "ce-specversion: 1.0", "-H", f"ce-id: curl-{data['job_uuid']}"),
         *("-H", "ce-source: /curl", "-H", f"ce-type: {event_type}"),
         *("-H", "Content-Type: application/json"),
+        *(arg for header in headers for arg in ("-H", header)),
     ]
     status, headers, body = curl("-X", "POST", url + "/", *args, "--data-binary", json.dumps(data))
     return status, headers, json.loads(body)
@@ -142,3 +146,71 @@ def test_restart_with_queued_jobs_and_an_undelivered_event(env, tmp_path):
     store = JobStore(db)
     assert store.backend_state("rs-1")["pid"] == pid_before  # rs-1 ran once, not restarted
     assert store.pending_events() == 0
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """Every line of a log file as JSON; fails naming the first line that is not."""
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise AssertionError(f"{path.name}:{number} is not JSON: {line[:300]}") from None
+        assert isinstance(record, dict), f"{path.name}:{number}: {line[:300]}"
+        missing = [f for f in ("ts", "level", "logger", "msg") if f not in record]
+        assert not missing, f"{path.name}:{number} lacks {missing}: {line[:300]}"
+        records.append(record)
+    return records
+
+
+CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CALLER_SPAN = "b7ad6b7169203331"
+
+
+def test_a_local_run_is_one_trace_in_one_log_format(env, tmp_path):
+    """From a traced request to job.completed: the handler's, the run's and the tasks' spans
+    join the caller's trace, and every log line (gunicorn, handler, KFP's runner, the tasks)
+    is one JSON object with the common fields; the job's lines name the job and the trace."""
+    dataset = write_dataset(tmp_path / "train.jsonl", rows=8)
+    request = request_data("logs-1", dataset)
+    request["training_config"].update(n_epochs=2, max_steps_per_epoch=1)
+    traceparent = f"ce-traceparent: 00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+    with Sink() as sink, OtlpReceiver() as otlp:
+        traced = {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+        g = Gunicorn({**traced, "K_SINK": sink.url}, tmp_path / "gunicorn.log")
+        try:
+            g.wait_ready()
+            status, headers, _ = post(g.url, request, JOB, traceparent)
+            assert status == 200
+            wait_for(lambda: "job.completed" in sink.types("logs-1"), 240, "logs-1 completed")
+            otlp.wait_for_span("job ended")
+        finally:
+            assert g.stop() == 0
+        spans = {s.name: s for s in otlp.trace(CALLER_TRACE)}
+    # the reply and every emitted event carry the job's trace
+    assert headers["ce-traceparent"].split("-")[1] == CALLER_TRACE
+    for emitted in sink.of("logs-1"):
+        assert emitted["traceparent"].split("-")[1] == CALLER_TRACE, emitted["type"]
+    accepted = spans["job.requested"]
+    assert accepted.parent_span_id == CALLER_SPAN and accepted.service == "kfp-trainer-handler"
+    assert spans["submit"].parent_span_id == spans["job ended"].parent_span_id == accepted.span_id
+    assert spans["job ended"].attributes["status"] == "completed"
+    assert spans["local run"].parent_span_id == spans["submit"].span_id
+    assert spans["train"].parent_span_id == spans["local run"].span_id
+    completed = sink.of("logs-1")[-1]
+    assert completed["traceparent"].split("-")[2] == spans["job ended"].span_id
+
+    served = _records(g.log)
+    assert {"gunicorn.error", "gunicorn.access", "handler.service"} <= {r["logger"] for r in served}
+    queued = [r for r in served if r["msg"] == "job queued"]
+    assert [(r["job_uuid"], r["trace_id"]) for r in queued] == [("logs-1", CALLER_TRACE)]
+    run = _records(tmp_path / "state" / "jobs" / "logs-1" / "run.log")
+    loggers = {r["logger"] for r in run}
+    # the run process, KFP's own runner lines, the train task and the exit task
+    assert {"pipelines.local", "pipelines.kfp", "pipelines.recipe", "pipelines.notify"} <= loggers
+    strays = [r for r in run if r.get("job_uuid") != "logs-1"]
+    assert not strays, strays[:3]
+    in_tasks = [r for r in run if r["logger"] in ("pipelines.recipe", "pipelines.notify")]
+    assert {r.get("trace_id") for r in in_tasks} == {CALLER_TRACE}

@@ -21,6 +21,8 @@ import pytest
 
 from provider.launcher import ROOT, StackServer
 from tests.support.jobs import lora, training_config
+from tests.support.otlp import OtlpReceiver
+from tests.support.sink import Sink
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -55,13 +57,30 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def stack(workspace):
+def otlp():
+    """Where every process of the stack (provider, in-process handler, tasks) sends its spans."""
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="module")
+def sink():
+    """The in-process handler also posts every event it emits here (K_SINK)."""
+    with Sink() as events:
+        yield events
+
+
+@pytest.fixture(scope="module")
+def stack(workspace, otlp, sink):
     server = StackServer(
         {
             "KFP_TRAINER_STATE_DIR": str(workspace["state"]),
             "KFP_TRAINER_MODEL_STORE": str(workspace["models"]),
             "KFP_TRAINER_PAGE_SIZE": "7",  # 40 csv rows -> 6 iterrows pages
             "KFP_TRAINER_PROGRESS_INTERVAL_S": "0.2",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url,
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "K_SINK": sink.url,
         },
         workspace["base"],
     )
@@ -203,6 +222,49 @@ def test_artifacts_are_checkpoints_that_load(stack, trained) -> None:
     model = torch.load(path / "consolidated.00.pth", weights_only=True)
     assert any(key.endswith("attention.wq.weight") for key in model)
     assert json.loads((path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_one_trace_from_the_fine_tune_call_to_the_checkpoint(stack, trained, otlp, sink) -> None:
+    from tests.support.otlp import children
+
+    (started,) = [
+        s for s in otlp.wait_for_span("supervised_fine_tune") if s.attributes["job_uuid"] == "job-a"
+    ]
+    otlp.wait_for_span("job ended")
+    spans = otlp.trace(started.trace_id)
+    named = {s.name: s for s in spans}
+    # the provider's span continues llama-stack's request span
+    assert started.service == "kfp-trainer-provider" and started.parent_span_id
+    accepted = named["job.requested"]
+    assert accepted.parent_span_id == started.span_id
+    assert named["submit"].parent_span_id == accepted.span_id
+    assert named["local run"].parent_span_id == named["submit"].span_id
+    train = named["train"]
+    assert train.parent_span_id == named["local run"].span_id
+    assert train.service == "kfp-trainer-train"
+    status = _client(stack).post_training.job.status(job_uuid="job-a")
+    epochs = [s for s in children(spans, train) if s.name == "epoch"]
+    assert len(epochs) == len(status.checkpoints) >= 1  # one span per epoch
+    for epoch in epochs:
+        assert [c.name for c in children(spans, epoch)] == ["save checkpoint"]
+        assert epoch.attributes["tokens"] > 0 and epoch.attributes["loss"] > 0
+    (read,) = [s for s in children(spans, train) if s.name == "read dataset"]
+    assert read.attributes["rows"] == 40
+    ended = named["job ended"]
+    assert ended.parent_span_id == accepted.span_id
+    assert ended.attributes["status"] == "completed"
+    # every event emitted for the job names the trace; the terminal one, the completion span
+    events = sink.of("job-a")
+    assert events and all(e["traceparent"].split("-")[1] == started.trace_id for e in events)
+    (completed,) = [e for e in events if e["type"].endswith("job.completed")]
+    assert completed["traceparent"].split("-")[2] == ended.span_id
+
+
+def test_the_provider_logs_through_llama_stack(stack, trained) -> None:
+    """Its lines reach llama-stack's own log file, in llama-stack's format and category."""
+    log = stack.log_file.read_text()
+    assert "provider.impl" in log and "kfp-torchtune provider ready" in log
+    assert "core: job requested" in log
 
 
 def test_list_names_the_job(stack, trained) -> None:

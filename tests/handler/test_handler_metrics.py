@@ -1,0 +1,109 @@
+"""GET /metrics: Prometheus text that prometheus_client parses, summed over gunicorn's workers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from handler import contract
+from tests.handler.helpers import request_data
+from tests.support.gunicorn import Gunicorn
+from tests.support.loopback import closed_port_url
+
+JOB = contract.JOB_REQUESTED
+
+
+def samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of ``/metrics`` by (name, sorted labels)."""
+    reply = requests.get(url + "/metrics", timeout=10)
+    assert reply.status_code == 200
+    assert reply.headers["Content-Type"].startswith("text/plain; version=")
+    out = {}
+    for family in text_string_to_metric_families(reply.text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def received(values: dict, event_type: str, status: int) -> float:
+    key = ("kfp_trainer_events_received_total", (("status", str(status)), ("type", event_type)))
+    return values.get(key, 0.0)
+
+
+def binary_post(url: str, data: object, *, event_id: str, ctype: str = "application/json"):
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": event_id,
+        "ce-source": "/tests",
+        "ce-type": JOB,
+        "Content-Type": ctype,
+    }
+    return requests.post(url + "/", headers=headers, data=json.dumps(data), timeout=30)
+
+
+@pytest.fixture
+def served(env: dict[str, str], tmp_path: Path, model_store: Path):
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    g = Gunicorn(
+        {
+            **env,
+            "KFP_TRAINER_BACKEND": "hold",  # accepts jobs, starts nothing
+            # Model names resolve in an S3 store nobody answers for: a request without
+            # model_artifact is a 503; the others name their model artifact.
+            "KFP_TRAINER_MODEL_STORE": "s3://models/store",
+            "S3_ENDPOINT_URL": closed_port_url(),
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        },
+        tmp_path / "gunicorn.log",
+        workers=2,
+    )
+    try:
+        g.wait_ready()
+        yield g, metrics_dir
+    finally:
+        assert g.stop() == 0
+
+
+def test_counters_equal_a_scripted_mix_across_two_workers(served, dataset, model_store):
+    g, metrics_dir = served
+    artifact = {"model_artifact": {"uri": str(model_store / "llama3.2-tiny")}}
+    sent = {200: 0, 400: 0, 415: 0, 503: 0}
+    accepted = [request_data(f"m-{i}", dataset, **artifact) for i in range(6)]
+    for data in accepted:
+        assert binary_post(g.url, data, event_id=data["job_uuid"]).status_code == 200
+        sent[200] += 1
+    for data in accepted[:3]:  # redelivered: answered as the first time, counted as sent
+        assert binary_post(g.url, data, event_id=data["job_uuid"]).status_code == 200
+        sent[200] += 1
+    for i in range(4):
+        bad = {**accepted[0], "job_uuid": f"bad-{i}", "training_config": {"n_epochs": 0}}
+        assert binary_post(g.url, bad, event_id=f"bad-{i}").status_code == 400
+        sent[400] += 1
+    for i in range(2):
+        reply = binary_post(g.url, accepted[0], event_id=f"x-{i}", ctype="text/plain")
+        assert reply.status_code == 415
+        sent[415] += 1
+    for i in range(2):
+        reply = binary_post(g.url, request_data(f"nostore-{i}", dataset), event_id=f"n-{i}")
+        assert reply.status_code == 503, reply.text
+        sent[503] += 1
+    # whichever worker answers, /metrics is the sum over both
+    first, second = samples(g.url), samples(g.url)
+    for values in (first, second):
+        for status, count in sent.items():
+            assert received(values, "job.requested", status) == count, (status, values)
+        emitted = values[("kfp_trainer_events_emitted_total", (("type", "job.scheduled"),))]
+        assert emitted == len(accepted)  # redeliveries emit nothing new
+        requests_timed = values[
+            ("kfp_trainer_request_duration_seconds_count", (("method", "POST"), ("route", "/")))
+        ]
+        assert requests_timed == sum(sent.values())
+    workers = {p.name.split("_")[-1] for p in metrics_dir.glob("counter_*.db")}
+    assert len(workers) == 2, f"only {workers} answered"
