@@ -248,8 +248,9 @@ def test_one_trace_from_the_fine_tune_call_to_the_checkpoint(stack, trained, otl
     for epoch in epochs:
         assert [c.name for c in children(spans, epoch)] == ["save checkpoint"]
         assert epoch.attributes["tokens"] > 0 and epoch.attributes["loss"] > 0
-    (read,) = [s for s in children(spans, train) if s.name == "read dataset"]
-    assert read.attributes["rows"] == 40
+    reads = {s.attributes["dataset"]: s for s in children(spans, train) if s.name == "read dataset"}
+    assert reads["dataset"].attributes["rows"] == 40
+    assert reads["validation_dataset"].attributes["rows"] == 6
     ended = named["job ended"]
     assert ended.parent_span_id == accepted.span_id
     assert ended.attributes["status"] == "completed"
