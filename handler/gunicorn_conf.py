@@ -10,7 +10,10 @@ without waiting for a request) and stop them on SIGTERM. Logs, access log includ
 lines on stdout. Metrics use prometheus_client's multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR``
 (a fresh temporary directory unless the deployment names one) is emptied when gunicorn starts,
 and a dead worker's files are marked by ``child_exit``, so ``/metrics`` sums the live workers
-and keeps the counts of those gone.
+and keeps the counts of those gone. With ``KFP_TRAINER_METRICS_PORT`` (knative/config.yaml: 9095;
+unset: off) the master serves that sum on its own port too, outside Knative's request path, so
+a scrape neither counts as traffic nor keeps a pod from scaling to zero (docs/deploy.md,
+"Metrics").
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def _int(name: str, default: int, minimum: int = 1) -> int:
 wsgi_app = "handler:create_app()"
 bind = [os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{_int('PORT', 8080)}"]
 workers = _int("GUNICORN_WORKERS", 2)
+metrics_port = _int("KFP_TRAINER_METRICS_PORT", 0, minimum=0)
 threads = _int("GUNICORN_THREADS", 1)
 timeout = _int("GUNICORN_TIMEOUT", 60)
 graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 20)
@@ -71,6 +75,21 @@ def on_starting(server: Any) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="kfp-trainer-metrics-")
     for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
         stale.unlink(missing_ok=True)
+
+
+def when_ready(server: Any) -> None:
+    """Serve every worker's metrics from the master on KFP_TRAINER_METRICS_PORT
+    (prometheus_client's own server over the multiprocess collector)."""
+    if not metrics_port:
+        return
+    from prometheus_client import start_http_server
+
+    from handler.metrics import registry
+
+    try:
+        start_http_server(metrics_port, registry=registry())
+    except OSError as exc:  # events still flow; /metrics on the app port still answers
+        server.log.error(f"metrics port {metrics_port} not served: {exc}")
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -33,6 +33,7 @@ def _access_fields(atoms: Mapping[str, Any]) -> dict[str, Any]:
         "bytes": atom("B"),
         "remote": atom("h"),
         "user_agent": atom("a"),
+        "pid": atom("p"),  # the worker that answered
     }
 
 

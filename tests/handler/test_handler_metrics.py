@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from handler import contract
 from tests.handler.helpers import request_data
 from tests.support.gunicorn import Gunicorn
-from tests.support.loopback import closed_port_url
+from tests.support.loopback import closed_port_url, free_port
 
 JOB = contract.JOB_REQUESTED
 
@@ -49,6 +49,7 @@ def binary_post(url: str, data: object, *, event_id: str, ctype: str = "applicat
 def served(env: dict[str, str], tmp_path: Path, model_store: Path):
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
+    metrics_port = free_port()
     g = Gunicorn(
         {
             **env,
@@ -60,19 +61,20 @@ def served(env: dict[str, str], tmp_path: Path, model_store: Path):
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "KFP_TRAINER_METRICS_PORT": str(metrics_port),
         },
         tmp_path / "gunicorn.log",
         workers=2,
     )
     try:
         g.wait_ready()
-        yield g, metrics_dir
+        yield g, f"http://127.0.0.1:{metrics_port}"
     finally:
         assert g.stop() == 0
 
 
 def test_counters_equal_a_scripted_mix_across_two_workers(served, dataset, model_store):
-    g, metrics_dir = served
+    g, master = served
     artifact = {"model_artifact": {"uri": str(model_store / "llama3.2-tiny")}}
     sent = {200: 0, 400: 0, 415: 0, 503: 0}
     accepted = [request_data(f"m-{i}", dataset, **artifact) for i in range(6)]
@@ -94,9 +96,8 @@ def test_counters_equal_a_scripted_mix_across_two_workers(served, dataset, model
         reply = binary_post(g.url, request_data(f"nostore-{i}", dataset), event_id=f"n-{i}")
         assert reply.status_code == 503, reply.text
         sent[503] += 1
-    # whichever worker answers, /metrics is the sum over both
-    first, second = samples(g.url), samples(g.url)
-    for values in (first, second):
+    # whichever worker answers, /metrics is the sum over both; the master's port says the same
+    for values in (samples(g.url), samples(g.url), samples(master)):
         for status, count in sent.items():
             assert received(values, "job.requested", status) == count, (status, values)
         emitted = values[("kfp_trainer_events_emitted_total", (("type", "job.scheduled"),))]
@@ -105,5 +106,6 @@ def test_counters_equal_a_scripted_mix_across_two_workers(served, dataset, model
             ("kfp_trainer_request_duration_seconds_count", (("method", "POST"), ("route", "/")))
         ]
         assert requests_timed == sum(sent.values())
-    workers = {p.name.split("_")[-1] for p in metrics_dir.glob("counter_*.db")}
+    access = [r for r in g.log_lines() if r.get("logger") == "gunicorn.access"]
+    workers = {r["pid"] for r in access if r["method"] == "POST"}
     assert len(workers) == 2, f"only {workers} answered"

@@ -19,6 +19,7 @@ from tests.support import REPO
 DEPLOY_GUIDE = REPO / "docs" / "deploy.md"
 QUEUE_PROXY_PORT = 8012  # Knative's queue-proxy, where requests enter a revision's pod
 AUTOSCALER_METRICS_PORT = 9090
+HANDLER_METRICS_PORT = 9095  # gunicorn's master (KFP_TRAINER_METRICS_PORT)
 
 
 def policy() -> m.Doc:
@@ -97,6 +98,7 @@ SOURCES = [
     ("activator", _label("serving"), {"app": "activator"}, 8012),
     ("ingress gateway", _label("ingress"), {"app": "3scale-kourier-gateway"}, 8012),
     ("autoscaler scrape", _label("serving"), {"app": "autoscaler"}, AUTOSCALER_METRICS_PORT),
+    ("prometheus scrape", _label("monitoring"), {"app": "prometheus"}, HANDLER_METRICS_PORT),
 ]
 
 
@@ -111,6 +113,7 @@ REFUSED = [
     ("the autoscaler on the request port", _label("serving"), {"app": "autoscaler"}, 8012),
     ("the activator on the metrics port", _label("serving"), {"app": "activator"}, 9090),
     ("the llama-stack server on the container port", _label("llama-stack"), {}, 8080),
+    ("prometheus on the request port", _label("monitoring"), {}, 8012),
     ("the broker dispatcher on the admin port", _label("eventing"), {}, 8022),
     ("a label set to false", {"kfp-trainer.llamastack.io/eventing": "false"}, {}, 8012),
 ]
@@ -123,7 +126,7 @@ def test_everyone_else_is_refused(what, ns, pod, port):
 
 def test_requests_are_admitted_on_the_queue_proxy_port_only():
     ports = {p["port"] for rule in policy().body["spec"]["ingress"] for p in rule["ports"]}
-    assert ports == {QUEUE_PROXY_PORT, AUTOSCALER_METRICS_PORT}
+    assert ports == {QUEUE_PROXY_PORT, AUTOSCALER_METRICS_PORT, HANDLER_METRICS_PORT}
     assert m.container_port() not in ports, "the user container is reached through queue-proxy"
 
 
