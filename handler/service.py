@@ -35,6 +35,7 @@ from handler.contract import JobStatus
 from handler.errors import BadRequest, Unavailable, error_reply
 from handler.outbox import Outbox
 from handler.reply import Reply, event_reply, json_reply
+from handler.roots import allowed_roots
 from handler.settings import HandlerSettings, SettingsError
 from handler.store import (
     ACTIVE,
@@ -119,6 +120,8 @@ class HandlerService:
         self._cancel_sent: dict[str, float] = {}
         self._ready_until = 0.0
         self._models: dict[str, tuple[float, str]] = {}  # model -> (until, artifact uri)
+        default_store = getattr(backend, "default_model_store", None)
+        self.roots = allowed_roots(settings, default_store() if default_store else "")
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -358,6 +361,9 @@ class HandlerService:
         """
         from pipelines.validation import check_request
 
+        outside = self.roots.request_problems(data)  # first: nothing outside them is looked at
+        if outside:
+            raise BadRequest(outside)
         problems = check_request(data)
         if problems:
             raise BadRequest(problems)

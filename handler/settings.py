@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal, get_args
 
+from pipelines.roots import parse_roots
 from pipelines.settings import NOTIFY_WINDOW_S, PipelineSettings
 
 Mode = Literal["local", "remote"]
@@ -184,6 +185,10 @@ class HandlerSettings:
     max_body_bytes: int = 1024 * 1024  # KFP_TRAINER_MAX_BODY_BYTES
     local_workers: int = 1  # KFP_TRAINER_LOCAL_WORKERS: jobs trained at once (local mode)
     model_store: str = ""  # KFP_TRAINER_MODEL_STORE: where `model` names resolve to artifacts
+    # KFP_TRAINER_DATA_ROOTS: comma-separated directories or s3:// / https:// prefixes requests
+    # may name besides the state dir and model store (remote: the bucket/prefix); see
+    # pipelines/roots.py.
+    data_roots: tuple[str, ...] = ()
     progress_interval_s: float = 2.0  # KFP_TRAINER_PROGRESS_INTERVAL_S: job.progress throttle
     delivery_attempts: int = 8  # KFP_TRAINER_DELIVERY_ATTEMPTS per outbox pass
     delivery_backoff_s: float = 0.5  # KFP_TRAINER_DELIVERY_BACKOFF_S, doubled per attempt
@@ -239,6 +244,7 @@ class HandlerSettings:
             max_body_bytes=env_int(env, "KFP_TRAINER_MAX_BODY_BYTES", cls.max_body_bytes, 1),
             local_workers=env_int(env, "KFP_TRAINER_LOCAL_WORKERS", cls.local_workers, 1),
             model_store=env.get("KFP_TRAINER_MODEL_STORE", ""),
+            data_roots=parse_roots(env.get("KFP_TRAINER_DATA_ROOTS", "")),
             progress_interval_s=_float(
                 env, "KFP_TRAINER_PROGRESS_INTERVAL_S", cls.progress_interval_s
             ),
@@ -274,6 +280,7 @@ ENV_VARS = (
     "KFP_TRAINER_MAX_BODY_BYTES",
     "KFP_TRAINER_LOCAL_WORKERS",
     "KFP_TRAINER_MODEL_STORE",
+    "KFP_TRAINER_DATA_ROOTS",
     "KFP_TRAINER_PROGRESS_INTERVAL_S",
     "KFP_TRAINER_DELIVERY_ATTEMPTS",
     "KFP_TRAINER_DELIVERY_BACKOFF_S",

@@ -18,6 +18,8 @@ from typing import Any, Literal, Self
 from llama_stack.providers.utils.kvstore.config import KVStoreConfig, SqliteKVStoreConfig
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from pipelines.roots import Roots, parse_roots
+
 DEFAULT_STATE_DIR = "~/.local/share/kfp-trainer"
 MIN_PART_SIZE_MB = 5  # S3's minimum multipart part size (all parts but the last)
 
@@ -71,6 +73,12 @@ class KfpTrainerConfig(BaseModel):
     state_dir: str = Field(default=DEFAULT_STATE_DIR, description="KFP_TRAINER_STATE_DIR")
     model_store: str = Field(
         default="", description="KFP_TRAINER_MODEL_STORE; empty: <state_dir>/models"
+    )
+    data_roots: str = Field(
+        default="",
+        description="Comma-separated directories (or s3://, https:// prefixes in remote mode) "
+        "the trainer may read datasets from by reference, besides the state dir and model store "
+        "(remote: the S3 bucket/prefix). Anything else is staged. KFP_TRAINER_DATA_ROOTS",
     )
     source: str = Field(
         default="/llama-stack/post-training/kfp-torchtune",
@@ -155,6 +163,13 @@ class KfpTrainerConfig(BaseModel):
     def resolved_model_store(self) -> str:
         return self.model_store or str(self.state_path / "models")
 
+    def roots(self) -> Roots:
+        """The places the handler and the trainer may read (the handler checks the same)."""
+        data_roots = parse_roots(self.data_roots)
+        if self.mode == "remote":
+            return Roots.remote(self.s3.bucket, self.s3.prefix, self.model_store, data_roots)
+        return Roots.local(self.state_path, self.resolved_model_store, data_roots)
+
     @property
     def resolved_kvstore(self) -> KVStoreConfig:
         return self.kvstore or SqliteKVStoreConfig(db_path=str(self.state_path / "provider.db"))
@@ -167,6 +182,7 @@ class KfpTrainerConfig(BaseModel):
             "mode": "${env.KFP_TRAINER_MODE:local}",
             "state_dir": state,
             "model_store": "${env.KFP_TRAINER_MODEL_STORE:}",
+            "data_roots": "${env.KFP_TRAINER_DATA_ROOTS:}",
             "source": "${env.KFP_TRAINER_PROVIDER_SOURCE:/llama-stack/post-training/kfp-torchtune}",
             "broker_url": "${env.KFP_TRAINER_BROKER_URL:}",
             "handler_url": "${env.KFP_TRAINER_HANDLER_URL:}",

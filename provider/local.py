@@ -25,6 +25,7 @@ def handler_env(config: KfpTrainerConfig, env: Mapping[str, str]) -> dict[str, s
             "KFP_TRAINER_MODE": "local",
             "KFP_TRAINER_STATE_DIR": config.state_dir,
             "KFP_TRAINER_MODEL_STORE": config.resolved_model_store,
+            "KFP_TRAINER_DATA_ROOTS": config.data_roots,
             "KFP_TRAINER_CHECKPOINT_FORMAT": config.checkpoint_format,
             "KFP_TRAINER_ACCELERATOR_COUNT": str(config.gpu.gpu_count if config.gpu.use_gpu else 0),
             "KFP_TRAINER_ACCELERATOR_TYPE": config.gpu.accelerator_type,

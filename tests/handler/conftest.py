@@ -38,6 +38,7 @@ def env(tmp_path: Path, model_store: Path) -> dict[str, str]:
     return {
         "KFP_TRAINER_STATE_DIR": str(tmp_path / "state"),
         "KFP_TRAINER_MODEL_STORE": str(model_store),
+        "KFP_TRAINER_DATA_ROOTS": str(tmp_path / "data"),  # where the dataset fixture writes
         "KFP_TRAINER_BACKEND": "noop",
         "KFP_TRAINER_PROGRESS_INTERVAL_S": "0",
         "KFP_TRAINER_DELIVERY_BACKOFF_S": "0.1",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sqlite3
 import uuid
 from pathlib import Path
@@ -256,13 +257,44 @@ def test_subject_must_match_job_uuid(client, dataset):
 
 def test_pipeline_config_problems_from_check_request(client, tmp_path, dataset):
     data = request_data("j", dataset, model="no-such-model")
-    data["dataset"]["uri"] = str(tmp_path / "missing.jsonl")
+    missing = tmp_path / "data" / "missing.jsonl"
+    data["dataset"]["uri"] = str(missing)
     headers, body = binary(JOB, data)
     r = _post(client, headers, body)
     assert r.status_code == 400
     problems = r.json["problems"]
     assert any(p.startswith("model: unknown model 'no-such-model'") for p in problems)
-    assert f"dataset.uri: file '{tmp_path / 'missing.jsonl'}' does not exist" in problems
+    assert f"dataset.uri: file '{missing}' does not exist" in problems
+
+
+@pytest.mark.parametrize(
+    ("field", "uri"),
+    [
+        ("dataset", "file:///etc/passwd"),
+        ("dataset", "/etc/passwd"),
+        ("validation_dataset", "{data}/../../../etc/passwd"),
+        ("model_artifact", "{tmp}/elsewhere/llama3.2-tiny"),
+        ("dataset", "s3://someone-elses-bucket/train.jsonl"),
+        # A FIFO blocks whoever opens it for reading: this test would hang if anything did.
+        ("dataset", "{tmp}/outside.fifo"),
+    ],
+)
+def test_a_uri_outside_the_roots_is_refused_before_anything_is_opened(
+    client, service, tmp_path, dataset, model_store, field, uri
+):
+    uri = uri.format(data=tmp_path / "data", tmp=tmp_path)
+    if uri.endswith(".fifo"):
+        os.mkfifo(uri)
+    data = {**request_data("j-roots", dataset), field: {"uri": uri}}
+    headers, body = binary(JOB, data)
+    r = _post(client, headers, body)
+    assert r.status_code == 400
+    roots = f"{tmp_path / 'state'}, {model_store}, {tmp_path / 'data'}"
+    assert r.json["message"] == (
+        f"{field}.uri: {uri!r} is outside the allowed roots ({roots}); requests may only name "
+        "files under these (add a directory or prefix to KFP_TRAINER_DATA_ROOTS to allow it)"
+    )
+    assert service.store.job("j-roots") is None
 
 
 def test_unresolvable_model_names_model_and_store(client, dataset, model_store):

@@ -32,6 +32,8 @@ def server(tmp_path_factory, model_store) -> Iterator[tuple[Gunicorn, Sink, Path
         env = {
             "KFP_TRAINER_STATE_DIR": str(base / "state"),
             "KFP_TRAINER_MODEL_STORE": str(model_store),
+            # Datasets are written by other fixtures under the session's temp dir.
+            "KFP_TRAINER_DATA_ROOTS": str(tmp_path_factory.getbasetemp()),
             "KFP_TRAINER_BACKEND": FAKE_BACKEND,
             "KFP_TRAINER_LOCAL_WORKERS": "1",
             "KFP_TRAINER_MAX_BODY_BYTES": "4096",

@@ -74,6 +74,7 @@ class World:
         self.dataset = write_dataset(base / "data" / "train.jsonl")
         common = {
             "KFP_TRAINER_MODEL_STORE": str(model_store),
+            "KFP_TRAINER_DATA_ROOTS": str(base / "data"),
             "KFP_TRAINER_BACKEND": FAKE_BACKEND,
             "KFP_TRAINER_PROGRESS_INTERVAL_S": "0",
             "KFP_TRAINER_DELIVERY_BACKOFF_S": "0.1",

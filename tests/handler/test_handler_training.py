@@ -28,6 +28,7 @@ def env(tmp_path: Path, model_store: Path) -> dict[str, str]:
     return {
         "KFP_TRAINER_STATE_DIR": str(tmp_path / "state"),
         "KFP_TRAINER_MODEL_STORE": str(model_store),
+        "KFP_TRAINER_DATA_ROOTS": str(tmp_path),  # the tests write their datasets here
         "KFP_TRAINER_MODE": "local",
         "KFP_TRAINER_LOCAL_WORKERS": "1",
         "KFP_TRAINER_PROGRESS_INTERVAL_S": "0",
