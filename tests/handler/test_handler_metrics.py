@@ -57,6 +57,8 @@ def served(env: dict[str, str], tmp_path: Path, model_store: Path):
             # Model names resolve in an S3 store nobody answers for: a request without
             # model_artifact is a 503; the others name their model artifact.
             "KFP_TRAINER_MODEL_STORE": "s3://models/store",
+            # The artifact the others name lies outside that store: allowed explicitly.
+            "KFP_TRAINER_DATA_ROOTS": f"{env['KFP_TRAINER_DATA_ROOTS']},{model_store}",
             "S3_ENDPOINT_URL": closed_port_url(),
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
