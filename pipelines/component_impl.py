@@ -32,6 +32,7 @@ from pipelines.data import DatasetError
 from pipelines.logs import event
 from pipelines.progress import ProgressReporter
 from pipelines.result import RunResult
+from pipelines.settings import SettingsError, TrainerSettings
 from pipelines.staging import StagingError, content_digest, stage_model
 from pipelines.validation import RequestError, local_path
 
@@ -53,6 +54,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
     return (
         RequestError,
+        SettingsError,
         DatasetError,
         StagingError,
         storage.StorageError,
@@ -218,6 +220,7 @@ def _train(
     artifact_dir = Path(artifact_path) if artifact_path else None
     scratch = Path(tempfile.mkdtemp(prefix=f"kfp-trainer-{job_uuid}-"))
     try:
+        trainer_settings = TrainerSettings.from_env()  # the task's own environment, read once
         request = json.loads(request_json)
         if request.get("job_uuid") != job_uuid:
             raise RequestError(
@@ -277,6 +280,7 @@ def _train(
             output_dir=checkpoint_root,
             checkpoint_format=checkpoint_format,
             progress=ProgressReporter(Path(progress_path) if progress_path else None),
+            settings=trainer_settings,
         )
         result = _publish(result, result_uri, checkpoint_root)
         _write_result(result, result_uri, artifact_dir)

@@ -154,6 +154,10 @@ class ModelSpec:
     builder_kwargs: dict[str, Any] = field(default_factory=dict)  # for component builders
     max_seq_len: int = 2048  # tokens per training sample (longer ones are truncated)
     aliases: tuple[str, ...] = ()
+    # What a request that does not say gets: the values of torchtune 0.5.0's own
+    # <model>_lora_single_device.yaml (checkpointing on from 3B up; offloading off everywhere).
+    activation_checkpointing: bool = False
+    activation_offloading: bool = False
 
     @property
     def tied_embeddings(self) -> bool:
@@ -185,6 +189,7 @@ MODELS: Final[dict[str, ModelSpec]] = {
             lora_builder="torchtune.models.llama3_2:lora_llama3_2_3b",
             hf_repo="meta-llama/Llama-3.2-3B-Instruct",
             meta_descriptor="Llama3.2-3B-Instruct",
+            activation_checkpointing=True,
         ),
         ModelSpec(
             name="Llama3.1-8B-Instruct",
@@ -194,6 +199,7 @@ MODELS: Final[dict[str, ModelSpec]] = {
             lora_builder="torchtune.models.llama3_1:lora_llama3_1_8b",
             hf_repo="meta-llama/Llama-3.1-8B-Instruct",
             meta_descriptor="Llama3.1-8B-Instruct",
+            activation_checkpointing=True,
         ),
         ModelSpec(
             name="llama3.2-tiny",

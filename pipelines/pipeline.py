@@ -109,6 +109,8 @@ def _configure_train(task: Any, settings: PipelineSettings) -> None:
         )
     if settings.s3_endpoint_url:
         task.set_env_variable("S3_ENDPOINT_URL", settings.s3_endpoint_url)
+    for name, value in settings.trainer.task_env().items():
+        task.set_env_variable(name, value)
     for key, value in settings.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for tol in settings.tolerations:

@@ -18,6 +18,18 @@ from pipelines.result import write_json_atomic
 log = logging.getLogger(__name__)
 
 FIELDS = ("step", "total_steps", "epoch", "loss", "updated_at")
+# Passed on when the recipe gives them: each step's lr and gradient norm, and on each epoch's
+# last step that epoch's speed, peak memory and the settings that shaped them.
+OPTIONAL_FIELDS = (
+    "lr",
+    "grad_norm",
+    "tokens",
+    "seconds",
+    "tokens_per_second",
+    "peak_memory_bytes",
+    "peak_memory",
+    "settings",
+)
 
 
 class ProgressReporter:
@@ -33,10 +45,11 @@ class ProgressReporter:
             "epoch": int(record["epoch"]),
             "loss": float(record["loss"]) if record.get("loss") is not None else None,
             "updated_at": datetime.now(UTC).isoformat(),
+            **{k: record[k] for k in OPTIONAL_FIELDS if record.get(k) is not None},
         }
         event(log, "progress", **out)
         if self.path is not None:
             write_json_atomic(self.path, out)
 
 
-__all__ = ["FIELDS", "ProgressReporter"]
+__all__ = ["FIELDS", "OPTIONAL_FIELDS", "ProgressReporter"]

@@ -3,8 +3,15 @@
 Honours every field of llama-stack's ``TrainingConfig`` and ``LoraFinetuningConfig``: epochs,
 steps per epoch, gradient accumulation, validation steps, batch size, shuffle, data format,
 train_on_input, optimizer (adam/adamw/sgd, lr, weight decay, warmup), activation checkpointing
-and offloading (CUDA only), dtype (bf16 falls back to fp32 where the device lacks it), LoRA
-modules/MLP/output, rank, alpha and DoRA. Everything is checked before the first step.
+and offloading (CUDA only; a request that does not say gets torchtune's default for the model),
+dtype (bf16 falls back to fp32 where the device has no native bf16), LoRA modules/MLP/output,
+rank, alpha and DoRA. Everything is checked before the first step.
+
+The loop is torchtune's ``lora_finetune_single_device`` in its parts: the output is chunked into
+``CEWithChunkedOutputLoss`` (the fp32 upcast of a 128k-vocabulary logit tensor is never whole),
+gradients are normalised by the step's label tokens (``training.scale_grads``) and clipped
+(``TrainerSettings.max_grad_norm``, 1.0 as llama-stack's recipe), and ``torch.compile`` of the
+layers and the loss is a setting. The device is read once per optimizer step, not per batch.
 
 Imports nothing from llama-stack: a training image needs torch, torchtune, torchao and this
 project only.
@@ -21,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pipelines import tracing
 from pipelines.chat_format import IGNORE_INDEX, tokenize
@@ -29,11 +36,15 @@ from pipelines.data import read_dataset
 from pipelines.logs import event
 from pipelines.models import ModelSpec, lookup
 from pipelines.result import RunResult
+from pipelines.settings import TrainerSettings
 from pipelines.validation import require_valid
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict[str, Any]], None]
+
+# CEWithChunkedOutputLoss's default, which torchtune's LoRA configs use.
+LOSS_CHUNKS: Final = 8
 
 
 @dataclass(frozen=True)
@@ -59,19 +70,31 @@ class RecipeConfig:
     dtype: str = "bf16"
     algorithm: dict[str, Any] = field(default_factory=dict)
     seed: int = 42
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    compile: bool = False
+    loss_chunks: int = LOSS_CHUNKS
 
     @classmethod
-    def from_request(cls, request: Mapping[str, Any]) -> RecipeConfig:
-        """:raises pipelines.validation.RequestError: listing every config problem."""
+    def from_request(
+        cls, request: Mapping[str, Any], settings: TrainerSettings | None = None
+    ) -> RecipeConfig:
+        """The request's knobs, the deployment's ``settings`` and the model's defaults.
+
+        :raises pipelines.validation.RequestError: listing every config problem.
+        """
         require_valid(request)
+        settings = settings or TrainerSettings()
+        spec = lookup(request["model"])
         tc = request["training_config"]
         data = tc["data_config"]
         opt = tc.get("optimizer_config") or {}
         eff = tc.get("efficiency_config") or {}
         algo = dict(request["algorithm_config"])
+        checkpointing = eff.get("enable_activation_checkpointing")
+        offloading = eff.get("enable_activation_offloading")
         return cls(
             job_uuid=request["job_uuid"],
-            model=lookup(request["model"]).name,
+            model=spec.name,
             n_epochs=int(tc["n_epochs"]),
             max_steps_per_epoch=tc.get("max_steps_per_epoch"),
             gradient_accumulation_steps=int(tc.get("gradient_accumulation_steps") or 1),
@@ -84,31 +107,48 @@ class RecipeConfig:
             lr=float(opt.get("lr", cls.lr)),
             weight_decay=float(opt.get("weight_decay", cls.weight_decay)),
             num_warmup_steps=int(opt.get("num_warmup_steps", cls.num_warmup_steps)),
-            activation_checkpointing=bool(eff.get("enable_activation_checkpointing") or False),
-            activation_offloading=bool(eff.get("enable_activation_offloading") or False),
+            activation_checkpointing=spec.activation_checkpointing
+            if checkpointing is None
+            else bool(checkpointing),
+            activation_offloading=spec.activation_offloading
+            if offloading is None
+            else bool(offloading),
             dtype=tc.get("dtype") or cls.dtype,
             algorithm=algo,
+            max_grad_norm=settings.max_grad_norm,
+            compile=settings.compile,
         )
 
 
-def pick_device_and_dtype(requested: str) -> tuple[Any, Any, str]:
-    """(device, torch dtype, dtype name): CUDA when available, bf16 only where supported."""
+# CPU features that compute in bf16 (x86: AVX512-BF16, AMX; Arm: BF16, SVE-BF16), as
+# torch.cpu.get_capabilities() names them.
+_CPU_BF16_FEATURES: Final = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+def native_bf16(device: Any) -> bool:
+    """Whether ``device`` computes in bf16 itself; elsewhere bf16 is emulated, slower than fp32."""
     import torch
 
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-        bf16_ok = torch.cuda.is_bf16_supported()
-    else:
-        device = torch.device("cpu")
-        bf16_ok = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    capabilities = torch.cpu.get_capabilities()
+    return any(capabilities.get(feature) for feature in _CPU_BF16_FEATURES)
+
+
+def pick_device_and_dtype(requested: str) -> tuple[Any, Any, str]:
+    """(device, torch dtype, dtype name): CUDA when available, bf16 only where it is native."""
+    import torch
+    from torchtune import training
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = requested
     reason = ""
-    if requested == "bf16" and not bf16_ok:
+    if requested == "bf16" and not native_bf16(device):
         name, reason = "fp32", f"{device.type} has no native bf16"
     elif requested == "fp16":
         # Mixed fp16 needs loss scaling, which a LoRA recipe does not carry; fp32 is exact.
         name, reason = "fp32", "fp16 training without loss scaling is unstable"
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    dtype = training.get_dtype(name, device=device)
     event(
         log,
         "device selected",
@@ -121,19 +161,35 @@ def pick_device_and_dtype(requested: str) -> tuple[Any, Any, str]:
     return device, dtype, name
 
 
-def _peak_memory(device: Any) -> int:
+def peak_memory_kind(device: Any) -> str:
+    """What :func:`peak_memory` measures on ``device``."""
+    return "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss"
+
+
+def reset_peak_memory(device: Any) -> None:
+    """Start a new CUDA peak; a process's peak RSS cannot be reset, so on CPU it accumulates."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: Any) -> int:
+    """Bytes: CUDA's max_memory_allocated since the last reset, or the process's peak RSS."""
     import torch
 
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def _optimizer(cfg: RecipeConfig, params: list[Any]) -> Any:
+def _optimizer(cfg: RecipeConfig, params: list[Any], device: Any) -> Any:
     import torch
 
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-    return kinds[cfg.optimizer_type](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # One kernel for every parameter on CUDA, as torchtune's LoRA configs ask (fused: True).
+    fused = {"fused": True} if device.type == "cuda" and cfg.optimizer_type != "sgd" else {}
+    return kinds[cfg.optimizer_type](params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
 class Trainer:
@@ -153,6 +209,7 @@ class Trainer:
         import torch
         from torchtune import training
         from torchtune.modules import TransformerSelfAttentionLayer
+        from torchtune.modules.loss import CEWithChunkedOutputLoss
 
         # torchtune's RMSNorm normalises in fp32 against bf16 weights on purpose.
         warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
@@ -204,6 +261,14 @@ class Trainer:
             if hasattr(module, "initialize_dora_magnitude"):
                 module.initialize_dora_magnitude()
         set_trainable_params(model, get_adapter_params(model))
+        # As torchtune's recipe: compile, then checkpointing, then the output chunked for the loss.
+        self.loss_fn = CEWithChunkedOutputLoss(
+            num_output_chunks=cfg.loss_chunks, ignore_index=IGNORE_INDEX
+        )
+        if cfg.compile:
+            training.compile_model(model, verbose=False)
+            self.loss_fn = training.compile_loss(self.loss_fn, verbose=False)
+        model.set_num_output_chunks(self.loss_fn.num_output_chunks)
         if cfg.activation_checkpointing:
             training.set_activation_checkpointing(
                 model, auto_wrap_policy={TransformerSelfAttentionLayer}
@@ -228,12 +293,27 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.n_epochs
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.trainable = trainable
-        self.optimizer = _optimizer(cfg, trainable)
+        self.optimizer = _optimizer(cfg, trainable, self.device)
         self.scheduler = training.get_cosine_schedule_with_warmup(
             self.optimizer,
             num_warmup_steps=cfg.num_warmup_steps,
             num_training_steps=self.total_steps,
         )
+        # What shaped each epoch's speed and memory, reported next to them.
+        self.settings = {
+            "device": self.device.type,
+            "dtype": self.dtype_name,
+            "batch_size": cfg.batch_size,
+            "gradient_accumulation_steps": accum,
+            "max_seq_len": self.spec.max_seq_len,
+            "activation_checkpointing": cfg.activation_checkpointing,
+            "activation_offloading": self.offload,
+            "compile": cfg.compile,
+            "loss_chunks": cfg.loss_chunks,
+            "max_grad_norm": cfg.max_grad_norm,
+            "lora_rank": int(cfg.algorithm.get("rank") or 0),
+            "trainable_params": sum(p.numel() for p in trainable),
+        }
         event(
             log,
             "recipe ready",
@@ -245,10 +325,8 @@ class Trainer:
             base_dtype=str(self.base.dtype).removeprefix("torch."),
             steps_per_epoch=self.steps_per_epoch,
             total_steps=self.total_steps,
-            trainable_params=sum(p.numel() for p in trainable),
             checkpoint_format=checkpoint_format,
-            activation_checkpointing=cfg.activation_checkpointing,
-            activation_offloading=self.offload,
+            **self.settings,
         )
 
     def _loader(self, samples: list[dict], shuffle: bool) -> Any:
@@ -268,23 +346,24 @@ class Trainer:
         )
 
     def _loss_sum(self, batch: dict[str, Any]) -> tuple[Any, int, int]:
-        """(summed token loss, label tokens, input tokens) for one batch."""
-        import torch
-        import torch.nn.functional as F
+        """(summed token loss on the device, label tokens, input tokens) for one batch.
 
-        tokens = batch["tokens"].to(self.device)
-        labels = batch["labels"].to(self.device)
-        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-        with self.act_ctx:
-            logits = self.model(tokens)
-        loss = F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+        The counts come from the batch while it is still on the host: no device sync.
+        """
+        import torch
+
+        tokens = batch["tokens"]
+        labels = batch["labels"]
+        # Shift left by one: position i predicts token i + 1 (the last predicts nothing).
+        labels = torch.hstack([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)])
         n_labels = int((labels != IGNORE_INDEX).sum())
         n_inputs = int((tokens != self.tokenizer.pad_id).sum())
+        tokens = tokens.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with self.act_ctx:
+            logits = self.model(tokens)  # a list of LOSS_CHUNKS chunks along the sequence
+        loss = self.loss_fn(logits, labels) * n_labels  # the loss is a mean over label tokens
+        del logits  # as torchtune's recipe: otherwise they stay alive through backward
         return loss, n_labels, n_inputs
 
     def _validate(self) -> tuple[float | None, float | None]:
@@ -293,20 +372,54 @@ class Trainer:
         if not self.val_samples or self.cfg.max_validation_steps == 0:
             return None, None
         self.model.eval()
-        total, count = 0.0, 0
+        total = torch.zeros((), device=self.device)
+        count = 0
         with torch.no_grad():
             for i, batch in enumerate(self._loader(self.val_samples, shuffle=False)):
                 if self.cfg.max_validation_steps is not None and i >= self.cfg.max_validation_steps:
                     break
                 loss, n, _ = self._loss_sum(batch)
-                total += float(loss)
+                total += loss
                 count += n
         self.model.train()
-        mean = total / max(count, 1)
+        mean = float(total) / max(count, 1)  # the one device read of the validation
         return mean, math.exp(min(mean, 80.0))
+
+    def _optimizer_step(self, n_labels: int) -> Any:
+        """Normalise the accumulated gradients by the step's label tokens, clip, step.
+
+        Returns the gradient norm before clipping (a device tensor), or None without clipping.
+        """
+        import torch
+        from torchtune import training
+
+        # Filled on the device (no host-to-device copy, so no sync).
+        scale = torch.full((), 1.0 / max(n_labels, 1), device=self.device)
+        training.scale_grads(self.model, scale)
+        norm = None
+        if self.cfg.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm=self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _epoch_report(self, started: float, tokens: int) -> dict[str, Any]:
+        """The epoch's speed and peak memory so far, and the settings that shaped them."""
+        seconds = time.perf_counter() - started
+        return {
+            "tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_second": tokens / seconds if seconds else None,
+            "peak_memory_bytes": peak_memory(self.device),
+            "peak_memory": peak_memory_kind(self.device),
+            "settings": self.settings,
+        }
 
     def train(self) -> RunResult:
         """Run every epoch, checkpointing each; return the completed result."""
+        import torch
+
         from pipelines.checkpoints import save_checkpoint
 
         cfg = self.cfg
@@ -314,52 +427,59 @@ class Trainer:
         step = 0
         checkpoints: list[dict[str, Any]] = []
         metrics: list[dict[str, Any]] = []
+        peaks: list[int] = []
         self.model.train()
         for epoch in range(cfg.n_epochs):
+            reset_peak_memory(self.device)
             started = time.perf_counter()
             epoch_span = tracing.start("pipelines", "epoch", attributes={"epoch": epoch})
             epoch_loss, epoch_labels, epoch_inputs, epoch_steps = 0.0, 0, 0, 0
-            group_loss, group_labels, in_group = 0.0, 0, 0
+            group_loss: Any = None  # the summed loss of the batches so far, on the device
+            group_labels, in_group = 0, 0
+            report: dict[str, Any] = {}
             batches = iter(self.train_loader)
             while epoch_steps < self.steps_per_epoch:
                 batch = next(batches, None)
                 if batch is not None:
                     loss, n_labels, n_inputs = self._loss_sum(batch)
                     loss.backward()
-                    group_loss += float(loss.detach())
+                    loss = loss.detach()
+                    group_loss = loss if group_loss is None else group_loss + loss
                     group_labels += n_labels
                     epoch_inputs += n_inputs
                     in_group += 1
                 if in_group and (in_group == accum or batch is None):
-                    scale = 1.0 / max(group_labels, 1)
-                    for param in self.trainable:
-                        if param.grad is not None:
-                            param.grad.mul_(scale)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    norm = self._optimizer_step(group_labels)
                     step += 1
                     epoch_steps += 1
-                    step_loss = group_loss / max(group_labels, 1)
+                    # The one device read of the step: its loss (and gradient norm).
+                    read = torch.stack(
+                        [group_loss.float()] + ([norm.float()] if norm is not None else [])
+                    ).tolist()
+                    step_loss = read[0] / max(group_labels, 1)
                     if not math.isfinite(step_loss):
                         raise FloatingPointError(
                             f"training loss became {step_loss} at step "
                             f"{step}; try a lower optimizer_config.lr"
                         )
-                    epoch_loss += group_loss
+                    epoch_loss += read[0]
                     epoch_labels += group_labels
-                    group_loss, group_labels, in_group = 0.0, 0, 0
+                    group_loss, group_labels, in_group = None, 0, 0
                     record = {
                         "step": step,
                         "total_steps": self.total_steps,
                         "epoch": epoch,
                         "loss": step_loss,
                         "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": read[1] if norm is not None else None,
                     }
+                    if epoch_steps == self.steps_per_epoch:  # the epoch's last: its report too
+                        report = self._epoch_report(started, epoch_inputs)
+                        record.update(report)
                     self.progress(record)
                 if batch is None:
                     break
-            seconds = time.perf_counter() - started
+            peaks.append(report["peak_memory_bytes"])
             train_loss = epoch_loss / max(epoch_labels, 1)
             val_loss, perplexity = self._validate()
             identifier = f"{self.spec.name}-sft-{epoch}"
@@ -387,20 +507,10 @@ class Trainer:
                     "training_metrics": training_metrics,
                 }
             )
-            metrics.append(
-                {
-                    **training_metrics,
-                    "steps": epoch_steps,
-                    "tokens": epoch_inputs,
-                    "seconds": seconds,
-                    "tokens_per_second": epoch_inputs / seconds if seconds else None,
-                }
-            )
+            metrics.append({**training_metrics, "steps": epoch_steps, **report})
             event(log, "epoch finished", **metrics[-1], checkpoint=str(path))
             tracing.end(*epoch_span, attributes={**metrics[-1], "loss": train_loss})
-        peak = _peak_memory(self.device)
-        import torch
-
+        peak = max(peaks)
         resources = {
             "device": self.device.type,
             "device_name": torch.cuda.get_device_name(self.device)
@@ -410,6 +520,8 @@ class Trainer:
             "requested_dtype": cfg.dtype,
             "peak_memory_bytes": peak,
             "peak_memory_gb": round(peak / 2**30, 3),
+            "peak_memory": peak_memory_kind(self.device),
+            "settings": self.settings,
         }
         return RunResult(
             job_uuid=cfg.job_uuid,
@@ -431,9 +543,10 @@ def run_recipe(
     output_dir: Path,
     checkpoint_format: str = "meta",
     progress: ProgressFn | None = None,
+    settings: TrainerSettings | None = None,
 ) -> RunResult:
     """Check, load, train, checkpoint. Raises (naming the field or file) on any bad input."""
-    cfg = RecipeConfig.from_request(request)
+    cfg = RecipeConfig.from_request(request, settings)
     trainer = Trainer(
         cfg,
         model_dir=model_dir,
@@ -446,4 +559,14 @@ def run_recipe(
     return trainer.train()
 
 
-__all__ = ["RecipeConfig", "Trainer", "pick_device_and_dtype", "run_recipe"]
+__all__ = [
+    "LOSS_CHUNKS",
+    "RecipeConfig",
+    "Trainer",
+    "native_bf16",
+    "peak_memory",
+    "peak_memory_kind",
+    "pick_device_and_dtype",
+    "reset_peak_memory",
+    "run_recipe",
+]

@@ -26,9 +26,13 @@ class RunResult:
     training_metrics {epoch, train_loss, validation_loss, perplexity} (validation_loss and
     perplexity are null when the job has no validation dataset).
     ``metrics``: one dict per epoch (epoch, train_loss, validation_loss, perplexity, steps,
-    tokens, seconds, tokens_per_second).
-    ``resources_allocated``: device, device_name, dtype, requested_dtype, peak_memory_bytes,
-    peak_memory_gb.
+    tokens (input tokens, padding not counted), seconds and tokens_per_second of its training
+    steps, peak_memory_bytes and what it is (peak_memory: ``cuda_max_memory_allocated`` over the
+    epoch's steps, or ``process_peak_rss`` so far), settings (what shaped speed and memory:
+    device, dtype, batch size, accumulation, sequence limit, activation checkpointing and
+    offloading, compile, loss chunks, max_grad_norm, LoRA rank, trainable params)).
+    ``resources_allocated``: device, device_name, dtype, requested_dtype, peak_memory_bytes (the
+    largest epoch's), peak_memory_gb, peak_memory, settings.
     ``dataset_rows``: rows read from the dataset; ``rows_without_trainable_tokens``: how many
     of them truncation to the model's sequence limit left with no token to learn from (they
     are skipped; when none is left the run fails instead, naming the limit).

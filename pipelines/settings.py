@@ -1,8 +1,9 @@
 """The pipeline's configuration: one typed object, read from the environment once, at the edge.
 
 Everything a deployment may want to change about the training task (image, resources, node
-placement, secrets, checkpoint format, model cache) lives here. Nothing below the entry points
-reads ``os.environ``; they take a ``PipelineSettings``.
+placement, secrets, checkpoint format, model cache, how it trains) lives here. Nothing below the
+entry points reads ``os.environ``; they take a ``PipelineSettings`` (the train task, which runs
+in its own pod, a ``TrainerSettings``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,61 @@ NOTIFY_WINDOW_S: Final = 300.0
 
 class SettingsError(ValueError):
     """A variable is set to something the pipeline cannot use; the message names it."""
+
+
+_TRUE: Final = ("1", "true", "yes", "on")
+_FALSE: Final = ("", "0", "false", "no", "off")
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "")
+    if raw.strip().lower() not in _TRUE + _FALSE:
+        raise SettingsError(f"{name}={raw!r}: expected true or false")
+    return raw.strip().lower() in _TRUE
+
+
+def _grad_norm(env: Mapping[str, str], name: str, default: float | None) -> float | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() == "none":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected a number > 0, or none") from None
+    if not value > 0:
+        raise SettingsError(f"{name}={raw!r}: expected a number > 0, or none")
+    return value
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """How the train task trains where a llama-stack request has no field for it.
+
+    The train task reads these from its own environment (:meth:`from_env`, at its entry point);
+    the pipeline sets that environment from the deployment's values (:meth:`task_env`).
+    """
+
+    compile: bool = False  # KFP_TRAINER_COMPILE: torch.compile the model's layers and the loss
+    max_grad_norm: float | None = 1.0  # KFP_TRAINER_MAX_GRAD_NORM; "none": no clipping
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TrainerSettings:
+        env = os.environ if env is None else env
+        return cls(
+            compile=_flag(env, "KFP_TRAINER_COMPILE"),
+            max_grad_norm=_grad_norm(env, "KFP_TRAINER_MAX_GRAD_NORM", cls.max_grad_norm),
+        )
+
+    def task_env(self) -> dict[str, str]:
+        """The variables that make the train task's :meth:`from_env` return these settings."""
+        return {
+            "KFP_TRAINER_COMPILE": "true" if self.compile else "false",
+            "KFP_TRAINER_MAX_GRAD_NORM": "none"
+            if self.max_grad_norm is None
+            else repr(self.max_grad_norm),
+        }
 
 
 def _json(env: Mapping[str, str], name: str, kind: type) -> Any:
@@ -87,6 +143,7 @@ class PipelineSettings:
     s3_secret_name: str = "kfp-trainer-s3"  # KFP_TRAINER_S3_SECRET
     s3_endpoint_url: str = ""  # S3_ENDPOINT_URL, passed to the task (MinIO, Ceph); empty: AWS
     cache_dir: Path = DEFAULT_CACHE_DIR  # KFP_TRAINER_CACHE_DIR: extracted-model cache
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)  # KFP_TRAINER_COMPILE, ...
 
     def __post_init__(self) -> None:
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
@@ -133,6 +190,7 @@ class PipelineSettings:
             s3_secret_name=env.get("KFP_TRAINER_S3_SECRET", "") or cls.s3_secret_name,
             s3_endpoint_url=env.get("S3_ENDPOINT_URL", ""),
             cache_dir=Path(cache).expanduser() if cache else DEFAULT_CACHE_DIR,
+            trainer=TrainerSettings.from_env(env),
         )
 
 
@@ -152,6 +210,8 @@ ENV_VARS: Final = (
     "KFP_TRAINER_S3_SECRET",
     "S3_ENDPOINT_URL",
     "KFP_TRAINER_CACHE_DIR",
+    "KFP_TRAINER_COMPILE",
+    "KFP_TRAINER_MAX_GRAD_NORM",
 )
 
 __all__ = [
@@ -160,4 +220,5 @@ __all__ = [
     "CheckpointFormat",
     "PipelineSettings",
     "SettingsError",
+    "TrainerSettings",
 ]

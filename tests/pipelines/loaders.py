@@ -29,10 +29,16 @@ HF_MODEL_FILES = {
 
 
 def logits(model: Any, tokens: list[int]) -> torch.Tensor:
-    """Logits of one sequence from a torchtune or transformers model, as fp32."""
+    """Logits of one sequence from a torchtune or transformers model, as fp32.
+
+    A torchtune model set to chunk its output (as the trainer sets it) gives a list of chunks
+    along the sequence; they are joined.
+    """
     model.eval()
     with torch.no_grad():
         out = model(torch.tensor([tokens]))
+    if isinstance(out, list):
+        out = torch.cat(out, dim=1)
     return getattr(out, "logits", out).float()
 
 

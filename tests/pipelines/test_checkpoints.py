@@ -156,7 +156,7 @@ def test_unknown_checkpoint_format_is_refused(tmp_path: Path, tiny_model: Path) 
 
 _NO_HF_LIBRARIES = """
 import json, sys
-for name in ("transformers", "peft", "fairscale"):
+for name in ("transformers", "peft", "fairscale", "llama_stack"):
     sys.modules[name] = None  # any import of them now fails
 from pipelines.recipe import run_recipe
 request, model_dir, data, out = json.loads(sys.argv[1])
@@ -167,7 +167,7 @@ print(json.dumps(result.to_dict()))
 
 
 @pytest.mark.parametrize("layout", ["meta", "huggingface"])
-def test_training_needs_no_transformers_peft_or_fairscale(
+def test_training_needs_no_transformers_peft_fairscale_or_llama_stack(
     tmp_path: Path, tiny_model: Path, tiny_hf_sharded: Path, layout: str
 ) -> None:
     """The trainer image has none of them: training and writing every file must not import
@@ -175,7 +175,9 @@ def test_training_needs_no_transformers_peft_or_fairscale(
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]["train"]
-    assert not [r for r in extra if r.startswith(("transformers", "peft", "fairscale"))]
+    assert not [
+        r for r in extra if r.startswith(("transformers", "peft", "fairscale", "llama-stack"))
+    ]
     model_dir = tiny_model if layout == "meta" else tiny_hf_sharded
     data = write_rows(tmp_path / "train.jsonl", 4)
     request = make_request("job-nohf", str(model_dir), str(data))

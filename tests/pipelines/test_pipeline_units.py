@@ -20,7 +20,7 @@ import yaml
 from pipelines import storage
 from pipelines.data import DatasetError, read_dataset
 from pipelines.result import RunResult
-from pipelines.settings import PipelineSettings, SettingsError
+from pipelines.settings import PipelineSettings, SettingsError, TrainerSettings
 from pipelines.staging import StagingError, archive_kind, resolve_model_uri, stage_model
 from pipelines.validation import check_request
 from tests.pipelines.pipeline_helpers import make_request, write_rows
@@ -47,6 +47,8 @@ def test_settings_from_env_reads_every_field(tmp_path: Path) -> None:
             "KFP_TRAINER_S3_SECRET": "creds",
             "S3_ENDPOINT_URL": "http://minio:9000",
             "KFP_TRAINER_CACHE_DIR": str(tmp_path),
+            "KFP_TRAINER_COMPILE": "true",
+            "KFP_TRAINER_MAX_GRAD_NORM": "0.5",
         }
     )
     assert s.base_image == "registry.example/trainer:1"
@@ -60,12 +62,24 @@ def test_settings_from_env_reads_every_field(tmp_path: Path) -> None:
     assert PipelineSettings(cache_dir=tmp_path).task_cache_dir == ""  # pods: scratch cache
     assert s.s3_secret_name == "creds" and s.s3_endpoint_url == "http://minio:9000"
     assert s.cache_dir == tmp_path
+    assert s.trainer == TrainerSettings(compile=True, max_grad_norm=0.5)
 
 
 def test_settings_defaults() -> None:
     s = PipelineSettings.from_env({})
     assert (s.accelerator_type, s.accelerator_count) == ("nvidia.com/gpu", 0)
     assert s.checkpoint_format == "meta" and s.s3_secret_name == "kfp-trainer-s3"
+    assert s.trainer == TrainerSettings(compile=False, max_grad_norm=1.0)
+    assert TrainerSettings.from_env({"KFP_TRAINER_MAX_GRAD_NORM": "none"}).max_grad_norm is None
+
+
+@pytest.mark.parametrize(
+    "trainer",
+    [TrainerSettings(), TrainerSettings(compile=True, max_grad_norm=None)],
+    ids=["defaults", "compile-no-clipping"],
+)
+def test_trainer_settings_reach_the_train_task_as_they_were(trainer: TrainerSettings) -> None:
+    assert TrainerSettings.from_env(trainer.task_env()) == trainer
 
 
 @pytest.mark.parametrize(
@@ -77,6 +91,9 @@ def test_settings_defaults() -> None:
         ("KFP_TRAINER_NODE_SELECTOR", "[1]", r"KFP_TRAINER_NODE_SELECTOR=.*expected a JSON dict"),
         ("KFP_TRAINER_NODE_SELECTOR", "{", r"KFP_TRAINER_NODE_SELECTOR=.*not valid JSON"),
         ("KFP_TRAINER_TOLERATIONS", '[{"colour": 1}]', r"TOLERATIONS\[0\] has unknown fields"),
+        ("KFP_TRAINER_COMPILE", "maybe", r"^KFP_TRAINER_COMPILE='maybe': expected true or false$"),
+        ("KFP_TRAINER_MAX_GRAD_NORM", "0", r"^KFP_TRAINER_MAX_GRAD_NORM='0': expected a number"),
+        ("KFP_TRAINER_MAX_GRAD_NORM", "big", r"MAX_GRAD_NORM='big': expected a number > 0, or"),
     ],
 )
 def test_settings_errors_name_the_variable(name: str, value: str, message: str) -> None:
@@ -657,6 +674,7 @@ def test_compiled_spec_carries_the_settings(tmp_path: Path) -> None:
         model_cache_pvc="model-cache",
         s3_secret_name="s3-creds",
         s3_endpoint_url="http://minio:9000",
+        trainer=TrainerSettings(compile=True, max_grad_norm=2.0),
     )
     docs = list(yaml.safe_load_all(compile_pipeline(settings, tmp_path / "p.yaml").read_text()))
     spec, platform = docs[0], docs[1]
@@ -693,6 +711,8 @@ def test_compiled_spec_carries_the_settings(tmp_path: Path) -> None:
     assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert res["accelerator"]["resourceCount"] == "1"
     assert {"name": "S3_ENDPOINT_URL", "value": "http://minio:9000"} in train["env"]
+    assert {"name": "KFP_TRAINER_COMPILE", "value": "true"} in train["env"]
+    assert {"name": "KFP_TRAINER_MAX_GRAD_NORM", "value": "2.0"} in train["env"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
     assert k8s["secretAsEnv"][0]["secretName"] == "s3-creds"
     assert {e["envVar"] for e in k8s["secretAsEnv"][0]["keyToEnv"]} == {
@@ -862,7 +882,8 @@ def test_recipe_options_train(
     # (no AVX512-BF16 or AMX): the run says what it used instead.
     import torch
 
-    bf16_here = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    caps = torch.cpu.get_capabilities()
+    bf16_here = bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
     used = dtype if dtype == "bf16" and bf16_here else "fp32"
     assert result.resources_allocated["dtype"] == used
     assert result.resources_allocated["requested_dtype"] == dtype
