@@ -19,16 +19,17 @@ SERVICE_NAME = "kfp-trainer-handler"
 
 
 def create_app(settings: HandlerSettings | None = None) -> Flask:
-    """Build the Flask app: one service (store, backend, threads) per app, blueprints on top.
+    """Build the Flask app: one service per app (handler.services), blueprints on top.
 
     :param settings: defaults to ``HandlerSettings.from_env()`` (read once, here, at the edge).
-    The service's threads start on the first request, or at once under gunicorn
-    (``post_worker_init`` in handler/gunicorn_conf.py); ``app.extensions["kfp_trainer"]`` is it.
+    Local mode's service (store, backend, threads) starts its threads on the first request, or
+    at once under gunicorn (``post_worker_init`` in handler/gunicorn_conf.py); remote mode's
+    keeps no state. ``app.extensions["kfp_trainer"]`` is the service.
     """
     from flask import Flask
 
     from handler import errors, events, identity, logs, metrics, status
-    from handler.service import create_service
+    from handler.services import build_service
     from handler.settings import HandlerSettings
     from pipelines import tracing
 
@@ -37,7 +38,7 @@ def create_app(settings: HandlerSettings | None = None) -> Flask:
     tracing.init(SERVICE_NAME)  # OTEL_* variables; nothing is exported without an endpoint
     app = Flask(__name__)
     app.config.update(KFP_TRAINER_SETTINGS=settings, JSON_SORT_KEYS=False)
-    service = create_service(settings)
+    service = build_service(settings)
     app.extensions[EXTENSION] = service
     app.before_request(service.start_once)
     identity.init_app(app, settings.auth, settings.retry_after_s)  # callers checked first

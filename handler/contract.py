@@ -27,11 +27,11 @@ from cloudevents.core.v1.event import CloudEvent
 
 PREFIX: Final = "io.llamastack.posttraining."
 
-# Consumed by the handler (through the broker).
+# Consumed by the handler through the broker: requests, cancels and the exit task's notice.
 JOB_REQUESTED: Final = PREFIX + "job.requested"
 JOB_CANCEL_REQUESTED: Final = PREFIX + "job.cancel.requested"
-# Consumed directly (not via the broker): the exit-handler notice and the reconcile tick.
 RUN_FINISHED: Final = PREFIX + "run.finished"
+# Consumed directly (a PingSource's sink is the handler): the reconcile tick.
 PING: Final = "dev.knative.sources.ping"
 
 # Emitted by the handler; every one carries the job.status.json shape.
@@ -42,8 +42,8 @@ JOB_COMPLETED: Final = PREFIX + "job.completed"
 JOB_FAILED: Final = PREFIX + "job.failed"
 JOB_CANCELLED: Final = PREFIX + "job.cancelled"
 
-BROKER_CONSUMED_TYPES: Final = (JOB_REQUESTED, JOB_CANCEL_REQUESTED)
-CONSUMED_TYPES: Final = (*BROKER_CONSUMED_TYPES, RUN_FINISHED, PING)
+BROKER_CONSUMED_TYPES: Final = (JOB_REQUESTED, JOB_CANCEL_REQUESTED, RUN_FINISHED)
+CONSUMED_TYPES: Final = (*BROKER_CONSUMED_TYPES, PING)
 EMITTED_TYPES: Final = (
     JOB_SCHEDULED,
     JOB_STARTED,
@@ -120,6 +120,66 @@ def event_id(job_uuid: str, event_type: str, seq: int | None = None) -> str:
     """
     short = event_type.removeprefix(PREFIX)
     return f"{job_uuid}/{short}" if seq is None else f"{job_uuid}/{short}/{seq}"
+
+
+def timestamp(value: datetime | None) -> str | None:
+    """The contract's one time format: UTC, RFC 3339 with a Z, millisecond precision.
+
+    >>> timestamp(datetime(2026, 1, 2, 3, 4, 5, 678900, tzinfo=UTC))
+    '2026-01-02T03:04:05.678Z'
+    """
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_PROGRESS_KEYS: Final = {"step": int, "total_steps": int, "epoch": int, "loss": (int, float)}
+
+
+def progress_fields(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The contract's progress fields of ``raw``, anything mistyped dropped (None if none)."""
+    if not raw:
+        return None
+    out = {
+        k: raw[k]
+        for k, kind in _PROGRESS_KEYS.items()
+        if isinstance(raw.get(k), kind) and not isinstance(raw.get(k), bool)
+    }
+    return out or None
+
+
+def status_data(
+    job_uuid: str,
+    status: JobStatus,
+    *,
+    run_id: str | None = None,
+    scheduled_at: str | None = None,
+    started_at: str | None = None,
+    completed_at: str | None = None,
+    progress: dict[str, Any] | None = None,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The job.status.json shape, built in one place: what ``GET /jobs/<id>`` answers and every
+    emitted event carries. ``result`` is pipelines' RunResult dict (checkpoints, resources, rows).
+    """
+    result = result or {}
+    return {
+        "job_uuid": job_uuid,
+        "status": status.value,
+        "run_id": run_id,
+        "scheduled_at": scheduled_at,
+        "started_at": started_at,
+        "completed_at": completed_at,
+        "progress": progress,
+        "checkpoints": list(result.get("checkpoints") or []),
+        "resources_allocated": result.get("resources_allocated"),
+        "dataset_rows": result.get("dataset_rows"),
+        "rows_without_trainable_tokens": result.get("rows_without_trainable_tokens"),
+        "error": error,
+    }
 
 
 @cache

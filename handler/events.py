@@ -1,10 +1,10 @@
 """The ingest blueprint: ``POST /`` hands the raw HTTP message to the service, nothing more.
 
 Flask supplies headers and body; decoding, validation and the answer are the service's
-(``HandlerService.handle``), so the in-process path and the HTTP path cannot drift apart. The
-only checks here are the one that must happen before the body is read (its declared size) and
-whether this caller may send this type of event (handler/identity.py; off unless configured).
-Each answer is counted by event type and status (handler/metrics.py).
+(``Service.handle``, handler/services.py), so the in-process path and the HTTP path cannot
+drift apart. The only checks here are the one that must happen before the body is read (its
+declared size) and whether this caller may send this type of event (handler/identity.py; off
+unless configured). Each answer is counted by event type and status (handler/metrics.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from handler.errors import PayloadTooLarge, error_reply
 from handler.ingress import STRUCTURED, check_size, media_type
 from handler.metrics import EVENTS_RECEIVED, event_label
 from handler.reply import Reply
-from handler.service import HandlerService
+from handler.services import Service
 
 bp = Blueprint("events", __name__)
 
@@ -30,7 +30,7 @@ def _response(reply: Reply) -> Response:
 
 @bp.post("/")
 def receive() -> Response:
-    service: HandlerService = current_app.extensions[EXTENSION]
+    service: Service = current_app.extensions[EXTENSION]
     limit = service.settings.max_body_bytes
     try:
         if request.content_length is not None:

@@ -13,26 +13,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from cloudevents.core.base import BaseCloudEvent
 
 from handler import contract, logs, metrics
 from handler.settings import HandlerSettings
+from handler.sink import DeliveryError, SinkClient
 from handler.store import JobStore, OutboxRow
-
-if TYPE_CHECKING:
-    import requests
 
 log = logs.get("handler.outbox")
 
 Subscriber = Callable[[BaseCloudEvent], None]
 LEASE_S: Final = 60.0
-SINK_TIMEOUT_S: Final = (3.05, 10.0)
-
-
-class DeliveryError(RuntimeError):
-    """The sink did not take the event (connection error or non-2xx answer)."""
 
 
 class Outbox:
@@ -44,7 +37,7 @@ class Outbox:
         self.owner = owner
         self._subscribers: list[Subscriber] = []
         self._lock = threading.Lock()
-        self._session: requests.Session | None = None
+        self._sink = SinkClient(settings.sink)
 
     def subscribe(self, callback: Subscriber) -> None:
         with self._lock:
@@ -55,24 +48,6 @@ class Outbox:
         base = self.settings.delivery_backoff_s * (2 ** max(attempts - 1, 0))
         return min(base, self.settings.delivery_backoff_max_s)
 
-    def _post(self, event: BaseCloudEvent) -> None:
-        import requests
-
-        if self._session is None:
-            self._session = requests.Session()
-        message = contract.to_http(event)
-        try:
-            resp = self._session.post(
-                self.settings.sink,
-                headers=message.headers,
-                data=message.body,
-                timeout=SINK_TIMEOUT_S,
-            )
-        except requests.RequestException as exc:
-            raise DeliveryError(f"sink unreachable: {type(exc).__name__}: {exc}") from exc
-        if not 200 <= resp.status_code < 300:
-            raise DeliveryError(f"sink answered {resp.status_code}: {resp.text[:200]}")
-
     def _deliver(self, row: OutboxRow) -> None:
         event = contract.event_from_dict(row.event)
         sink_done, local_done = row.sink_done, row.local_done
@@ -82,7 +57,7 @@ class Outbox:
                 sink_done = True
             else:
                 try:
-                    self._post(event)
+                    self._sink.post(event)
                     sink_done = True
                 except DeliveryError as exc:
                     errors.append(str(exc))
@@ -129,6 +104,4 @@ class Outbox:
         return len(rows)
 
     def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        self._sink.close()

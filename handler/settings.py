@@ -52,6 +52,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise SettingsError(f"{name}={raw!r} is not a number") from None
 
 
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if value <= 0:
+        raise SettingsError(f"{name}={value} must be > 0")
+    return value
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -61,6 +68,28 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw.lower() in ("0", "false", "no", "off"):
         return False
     raise SettingsError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
+_EXTENSION_NAME: Final = re.compile(r"^[a-z0-9]{1,20}$")
+_CORE_ATTRIBUTES: Final = (
+    "id",
+    "source",
+    "type",
+    "specversion",
+    "subject",
+    "time",
+    "datacontenttype",
+)
+
+
+def check_ce_overrides(overrides: Mapping[str, str]) -> None:
+    """:raises SettingsError: a K_CE_OVERRIDES name that cannot be an extension attribute."""
+    bad = [k for k in overrides if not _EXTENSION_NAME.match(k) or k in _CORE_ATTRIBUTES]
+    if bad:
+        raise SettingsError(
+            f"K_CE_OVERRIDES: {', '.join(sorted(set(bad)))} cannot be extension attribute names "
+            "(lower-case letters and digits, at most 20, not a core attribute)"
+        )
 
 
 @dataclass(frozen=True)
@@ -81,7 +110,9 @@ class RemoteSettings:
     s3_bucket: str = ""  # S3_BUCKET
     s3_prefix: str = "llama-stack-post-training"  # S3_PREFIX
     s3_secret_name: str = "kfp-trainer-s3"  # KFP_TRAINER_S3_SECRET: mounted into the task
-    notify_url: str = ""  # KFP_TRAINER_NOTIFY_URL: where the exit handler posts run.finished
+    # KFP_TRAINER_NOTIFY_URL: where runs post run.finished (exit task) and job.started /
+    # job.progress (train task); empty: K_SINK, the Broker.
+    notify_url: str = ""
     notify_window_s: float = NOTIFY_WINDOW_S  # KFP_TRAINER_NOTIFY_WINDOW_S: notice retry window
 
     @classmethod
@@ -194,6 +225,12 @@ class HandlerSettings:
     delivery_backoff_s: float = 0.5  # KFP_TRAINER_DELIVERY_BACKOFF_S, doubled per attempt
     delivery_backoff_max_s: float = 30.0  # KFP_TRAINER_DELIVERY_BACKOFF_MAX_S
     retry_after_s: int = 5  # KFP_TRAINER_RETRY_AFTER_S: Retry-After on 503
+    # KFP_TRAINER_RECONCILE_PERIOD_S: the PingSource's period (knative/pingsource.yaml); a tick
+    # re-announces the runs that ended within the last two periods (remote mode).
+    reconcile_period_s: float = 120.0
+    # KFP_TRAINER_CANCEL_WAIT_S: how long a cancel waits for KFP to say the run is canceled
+    # before it answers "cancelling" (remote mode).
+    cancel_wait_s: float = 5.0
     log_level: str = "INFO"  # KFP_TRAINER_LOG_LEVEL
     # KFP_TRAINER_BACKEND: a key of handler.backends.BACKENDS or "module:Class"; empty: the mode.
     backend: str = ""
@@ -230,6 +267,13 @@ class HandlerSettings:
                 raise SettingsError(
                     f'K_CE_OVERRIDES={overrides_raw!r}: expected {{"extensions": {{...}}}}'
                 ) from None
+        backend = env.get("KFP_TRAINER_BACKEND", "")
+        if mode == "remote" and backend:
+            raise SettingsError(
+                f"KFP_TRAINER_BACKEND={backend!r} applies to local mode only: remote mode runs "
+                "every job on KFP and keeps no state of its own"
+            )
+        check_ce_overrides(overrides)
         db = env.get("KFP_TRAINER_DB", "")
         db_sync = env.get("KFP_TRAINER_DB_SYNC", "") or cls.db_sync
         if db_sync not in get_args(DbSync):
@@ -258,8 +302,12 @@ class HandlerSettings:
                 env, "KFP_TRAINER_DELIVERY_BACKOFF_MAX_S", cls.delivery_backoff_max_s
             ),
             retry_after_s=env_int(env, "KFP_TRAINER_RETRY_AFTER_S", cls.retry_after_s, 1),
+            reconcile_period_s=_positive(
+                env, "KFP_TRAINER_RECONCILE_PERIOD_S", cls.reconcile_period_s
+            ),
+            cancel_wait_s=_float(env, "KFP_TRAINER_CANCEL_WAIT_S", cls.cancel_wait_s),
             log_level=env.get("KFP_TRAINER_LOG_LEVEL", cls.log_level).upper(),
-            backend=env.get("KFP_TRAINER_BACKEND", ""),
+            backend=backend,
             db_busy_timeout_s=_float(env, "KFP_TRAINER_DB_BUSY_TIMEOUT_S", cls.db_busy_timeout_s),
             db_sync=db_sync,  # type: ignore[arg-type]
             remote=RemoteSettings.from_env(env),
@@ -286,6 +334,8 @@ ENV_VARS = (
     "KFP_TRAINER_DELIVERY_BACKOFF_S",
     "KFP_TRAINER_DELIVERY_BACKOFF_MAX_S",
     "KFP_TRAINER_RETRY_AFTER_S",
+    "KFP_TRAINER_RECONCILE_PERIOD_S",
+    "KFP_TRAINER_CANCEL_WAIT_S",
     "KFP_TRAINER_LOG_LEVEL",
     "KFP_TRAINER_BACKEND",
     "KFP_TRAINER_DB_BUSY_TIMEOUT_S",

@@ -21,77 +21,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
+from importlib import resources
 from pathlib import Path
 from typing import Any, Final, get_args
 
 from cloudevents.core.base import BaseCloudEvent
 
+from handler import contract
 from handler.contract import JOB_SCHEDULED, JSON_FORMAT, JobStatus, event_id
+from handler.jobstate import ACTIVE, JobState
 from handler.settings import DbSync
 
-QUEUED: Final = "queued"
-STARTING: Final = "starting"  # claimed by a worker, submit in flight
-RUNNING: Final = "running"
-ACTIVE: Final = (STARTING, RUNNING)
-TERMINAL: Final = ("completed", "failed", "cancelled")
-
-_STATUS: Final[dict[str, JobStatus]] = {
-    QUEUED: JobStatus.scheduled,
-    STARTING: JobStatus.scheduled,
-    RUNNING: JobStatus.in_progress,
-    "completed": JobStatus.completed,
-    "failed": JobStatus.failed,
-    "cancelled": JobStatus.cancelled,
-}
-
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_uuid TEXT NOT NULL UNIQUE,
-    digest TEXT NOT NULL,
-    request TEXT NOT NULL,
-    state TEXT NOT NULL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    run_id TEXT,
-    owner TEXT,
-    scheduled_at TEXT NOT NULL,
-    started_at TEXT,
-    completed_at TEXT,
-    progress TEXT,
-    progress_emitted_at REAL,
-    progress_emitted_step INTEGER,
-    result TEXT,
-    error TEXT,
-    backend_state TEXT,
-    submit_attempts INTEGER NOT NULL DEFAULT 0,
-    next_submit_at REAL NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL,
-    reply TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
-CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id TEXT NOT NULL UNIQUE,
-    job_uuid TEXT NOT NULL,
-    type TEXT NOT NULL,
-    event TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    sink_done INTEGER NOT NULL DEFAULT 0,
-    local_done INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    lease_owner TEXT,
-    lease_until REAL NOT NULL DEFAULT 0,
-    last_error TEXT
-);
--- Undelivered events only: most rows are born delivered, so the delivery loop's lookups (due
--- rows in order; a job's earlier undelivered events) stay small however long the outbox grows,
--- and a row born delivered costs no index write.
-DROP INDEX IF EXISTS outbox_pending;
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (seq) WHERE sink_done = 0 OR local_done = 0;
-CREATE INDEX IF NOT EXISTS outbox_job_due ON outbox (job_uuid, seq)
-    WHERE sink_done = 0 OR local_done = 0;
-"""
+_SCHEMA: Final = "schema.sql"  # next to this module, read once per store
 
 
 class StoreUnavailable(RuntimeError):
@@ -119,7 +60,7 @@ class Job:
     job_uuid: str
     digest: str
     request: dict[str, Any]
-    state: str
+    state: JobState
     cancel_requested: bool
     run_id: str | None
     owner: str | None
@@ -136,29 +77,25 @@ class Job:
 
     @property
     def status(self) -> JobStatus:
-        return _STATUS[self.state]
+        return self.state.status
 
     @property
     def terminal(self) -> bool:
-        return self.state in TERMINAL
+        return self.state.terminal
 
     def to_status(self) -> dict[str, Any]:
         """The job.status.json shape: what GET /jobs answers and every emitted event carries."""
-        data: dict[str, Any] = {
-            "job_uuid": self.job_uuid,
-            "status": self.status.value,
-            "run_id": self.run_id,
-            "scheduled_at": self.scheduled_at,
-            "started_at": self.started_at,
-            "completed_at": self.completed_at,
-            "progress": self.progress,
-            "checkpoints": list(self.result.get("checkpoints") or []),
-            "resources_allocated": self.result.get("resources_allocated"),
-            "dataset_rows": self.result.get("dataset_rows"),
-            "rows_without_trainable_tokens": self.result.get("rows_without_trainable_tokens"),
-            "error": self.error,
-        }
-        return data
+        return contract.status_data(
+            self.job_uuid,
+            self.status,
+            run_id=self.run_id,
+            scheduled_at=self.scheduled_at,
+            started_at=self.started_at,
+            completed_at=self.completed_at,
+            progress=self.progress,
+            result=self.result,
+            error=self.error,
+        )
 
 
 def new_job(*, job_uuid: str, digest: str, request: dict[str, Any], scheduled_at: str) -> Job:
@@ -168,7 +105,7 @@ def new_job(*, job_uuid: str, digest: str, request: dict[str, Any], scheduled_at
         job_uuid=job_uuid,
         digest=digest,
         request=request,
-        state=QUEUED,
+        state=JobState.queued,
         cancel_requested=False,
         run_id=None,
         owner=None,
@@ -227,7 +164,7 @@ def _job(row: sqlite3.Row) -> Job:
         job_uuid=row["job_uuid"],
         digest=row["digest"],
         request=json.loads(row["request"]),
-        state=row["state"],
+        state=JobState(row["state"]),
         cancel_requested=bool(row["cancel_requested"]),
         run_id=row["run_id"],
         owner=row["owner"],
@@ -338,7 +275,7 @@ class JobStore:
         with self._lock:
             if not self._schema_ready:
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.executescript(_SCHEMA)
+                conn.executescript(resources.files("handler").joinpath(_SCHEMA).read_text())
                 columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
                 if "reply" not in columns:  # a store written before replies lived in jobs
                     conn.execute("ALTER TABLE jobs ADD COLUMN reply TEXT")
@@ -495,7 +432,15 @@ class JobStore:
         cur = conn.execute(
             "INSERT INTO jobs (job_uuid, digest, request, state, scheduled_at, updated_at, reply)"
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_uuid) DO NOTHING",
-            (job.job_uuid, job.digest, request, QUEUED, job.scheduled_at, time.time(), reply),
+            (
+                job.job_uuid,
+                job.digest,
+                request,
+                JobState.queued,
+                job.scheduled_at,
+                time.time(),
+                reply,
+            ),
         )
         if cur.rowcount == 0:  # stored already (a redelivery): look only then
             row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
@@ -503,40 +448,6 @@ class JobStore:
         if not self.born_delivered(reply=True):  # in-process subscribers still need it
             self._add_event(conn, event, reply=True, encoded=reply)
         return replace(job, seq=cur.lastrowid or 0), True
-
-    def insert_adopted(self, job: Job, event: BaseCloudEvent) -> tuple[Job, bool]:
-        """Record a job this store lost but the backend still has (remote: a KFP run found by
-        its display name), as ``job`` says: state, run id, owner and timestamps, never queued.
-
-        ``event`` is the job's job.scheduled, rebuilt, so a redelivered request can be answered;
-        it is born sink-delivered like a reply (the job's first life announced it).
-
-        :return: (the stored job, whether it was created now); an existing row wins.
-        """
-        with self._tx() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
-            if row is not None:
-                return _job(row), False
-            reply = JSON_FORMAT.write(event).decode()
-            conn.execute(
-                "INSERT INTO jobs (job_uuid, digest, request, state, run_id, owner, scheduled_at,"
-                " started_at, updated_at, reply) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job.job_uuid,
-                    job.digest,
-                    _dumps(job.request),
-                    job.state,
-                    job.run_id,
-                    job.owner,
-                    job.scheduled_at,
-                    job.started_at,
-                    time.time(),
-                    reply,
-                ),
-            )
-            self._add_event(conn, event, reply=True, encoded=reply)
-            row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
-            return _job(row), True
 
     def scheduled_event(self, job_uuid: str) -> dict[str, Any] | None:
         """The job.scheduled a job was accepted with (structured-mode dict): what a redelivered
@@ -550,6 +461,13 @@ class JobStore:
     def job(self, job_uuid: str) -> Job | None:
         rows = self._read("SELECT * FROM jobs WHERE job_uuid = ?", (job_uuid,))
         return _job(rows[0]) if rows else None
+
+    def page(self, after_seq: int, limit: int) -> list[Job]:
+        """Up to ``limit`` jobs queued after sequence number ``after_seq``, oldest first."""
+        rows = self._read(
+            "SELECT * FROM jobs WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+        )
+        return [_job(r) for r in rows]
 
     def jobs(self, states: tuple[str, ...] | None = None) -> list[Job]:
         """All jobs (or those in ``states``), oldest first."""
@@ -637,9 +555,9 @@ class JobStore:
         if limit is not None and limit <= 0:
             return None
         if limit is None:
-            head = self._read(_CLAIMABLE, (QUEUED,))
+            head = self._read(_CLAIMABLE, (JobState.queued,))
         else:
-            head = self._read(_CLAIMABLE_UNDER_LIMIT, (*ACTIVE, QUEUED))
+            head = self._read(_CLAIMABLE_UNDER_LIMIT, (*ACTIVE, JobState.queued))
         if not head or head[0]["next_submit_at"] > now:
             return None
         if limit is not None and head[0]["active"] >= limit:
@@ -653,13 +571,13 @@ class JobStore:
                     return None
             row = conn.execute(
                 "SELECT * FROM jobs WHERE state = ? AND cancel_requested = 0 ORDER BY seq LIMIT 1",
-                (QUEUED,),
+                (JobState.queued,),
             ).fetchone()
             if row is None or row["next_submit_at"] > now:
                 return None
             conn.execute(
                 "UPDATE jobs SET state = ?, owner = ?, updated_at = ? WHERE seq = ?",
-                (STARTING, owner, time.time(), row["seq"]),
+                (JobState.starting, owner, time.time(), row["seq"]),
             )
             return _job(conn.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone())
 
@@ -669,7 +587,7 @@ class JobStore:
         )
         return [_job(r) for r in rows]
 
-    def adopt(self, job_uuid: str, old_owner: str | None, new_owner: str) -> bool:
+    def take_over(self, job_uuid: str, old_owner: str | None, new_owner: str) -> bool:
         """Take over an active job whose owner is gone; False if someone else was quicker."""
         with self._tx() as conn:
             cur = conn.execute(

@@ -27,6 +27,8 @@ def train(
     metrics: dsl.Output[dsl.Metrics],
     traceparent: str = "",
     tracestate: str = "",
+    run_id: str = "",
+    task_events: str = "",
 ):
     """LoRA fine-tuning with torchtune; the output model's metadata is the RunResult, the
     metrics (loss, tokens/s, memory per epoch) are what the KFP UI shows for the run."""
@@ -44,6 +46,8 @@ def train(
         cache_dir=cache_dir,
         artifact_path=model.path,
         trace={"traceparent": traceparent, "tracestate": tracestate},
+        run_id=run_id,
+        task_events=task_events,
     )
     model.metadata.update(result)
     for name, value in training_metrics(result).items():

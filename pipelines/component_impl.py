@@ -5,10 +5,11 @@ can be imported, tested and benchmarked like any other code:
 
 1. fetch the model (s3:// into the cache, local in place) and stage it (dir/tar/tar.gz);
 2. fetch the datasets (never inlined in the spec: they arrive as files);
-3. run the recipe, reporting progress;
+3. run the recipe, reporting progress (remote: as events too, pipelines/task_events.py);
 4. publish: with an s3:// ``result_uri`` upload each checkpoint under it and rewrite paths; with
    a local one the checkpoints are written there in place. ``result.json`` goes last, so its
-   presence means everything it points to exists. A failure writes a failed result.json.
+   presence means everything it points to exists. A failure writes a failed result.json, and
+   the error to the container's termination message (pipelines/termination.py).
 
 The task continues the job's trace (the ``traceparent`` parameter) with a ``train`` span and a
 child span per step above, the recipe's epochs and checkpoints included (pipelines/tracing.py).
@@ -34,6 +35,8 @@ from pipelines.progress import ProgressReporter
 from pipelines.result import RunResult
 from pipelines.settings import SettingsError, TrainerSettings
 from pipelines.staging import StagingError, content_digest, stage_model
+from pipelines.task_events import TaskEvents, TaskEventsConfig
+from pipelines.termination import write_termination_message
 from pipelines.validation import RequestError, local_path
 
 log = logging.getLogger(__name__)
@@ -176,6 +179,8 @@ def run_train(
     cache_dir: str = "",
     artifact_path: str = "",
     trace: Mapping[str, str] | None = None,
+    run_id: str = "",
+    task_events: str = "",
 ) -> dict[str, Any]:
     """Run one job's training; return the RunResult dict (the output artifact's metadata).
 
@@ -199,6 +204,8 @@ def run_train(
                 result_uri=result_uri,
                 cache_dir=cache_dir,
                 artifact_path=artifact_path,
+                run_id=run_id,
+                task_events=task_events,
             )
     finally:
         tracing.flush()
@@ -216,11 +223,18 @@ def _train(
     result_uri: str,
     cache_dir: str,
     artifact_path: str,
+    run_id: str,
+    task_events: str,
 ) -> dict[str, Any]:
     artifact_dir = Path(artifact_path) if artifact_path else None
     scratch = Path(tempfile.mkdtemp(prefix=f"kfp-trainer-{job_uuid}-"))
+    announcer: TaskEvents | None = None
     try:
         trainer_settings = TrainerSettings.from_env()  # the task's own environment, read once
+        events_config = TaskEventsConfig.from_json(task_events)
+        if events_config is not None:
+            announcer = TaskEvents(events_config, job_uuid, run_id)
+            announcer.started()
         request = json.loads(request_json)
         if request.get("job_uuid") != job_uuid:
             raise RequestError(
@@ -279,7 +293,7 @@ def _train(
             validation_path=validation,
             output_dir=checkpoint_root,
             checkpoint_format=checkpoint_format,
-            progress=ProgressReporter(Path(progress_path) if progress_path else None),
+            progress=ProgressReporter(Path(progress_path) if progress_path else None, announcer),
             settings=trainer_settings,
         )
         result = _publish(result, result_uri, checkpoint_root)
@@ -299,6 +313,7 @@ def _train(
         event(log, "train task failed", level=logging.ERROR, job_uuid=job_uuid, error=error)
         if not expected:
             log.exception("unexpected error in the train task")
+        write_termination_message(error)  # read back even if S3 refuses result.json too
         failed = RunResult(job_uuid=job_uuid, status="failed", error=error)
         try:
             _write_result(failed, result_uri, artifact_dir)
@@ -306,6 +321,8 @@ def _train(
             event(log, "cannot write failed result", level=logging.ERROR, error=str(write_exc))
         raise TrainingFailed(error) from None
     finally:
+        if announcer is not None:
+            announcer.close()
         shutil.rmtree(scratch, ignore_errors=True)
         # torch and torchtune leave ~a million objects; the collections at interpreter exit
         # would walk them all (1.4 s here). Nothing of this process outlives the task.

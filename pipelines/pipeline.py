@@ -40,8 +40,14 @@ def pipeline_arguments(
     notify_url: str = "",
     notify_event_type: str = "",
     notify_window_s: float | None = None,
+    request_digest: str = "",
+    task_events: str = "",
 ) -> dict[str, Any]:
     """The run parameters for a job request (``model_artifact.uri`` must be resolved).
+
+    ``request_digest`` (the job.requested content digest) rides along unused by the tasks: KFP
+    keeps it with the run, so a redelivered request can be compared with the one that made
+    it. ``task_events`` is the train task's pipelines.task_events.TaskEventsConfig as JSON.
 
     :raises ValueError: naming a missing field.
     """
@@ -74,6 +80,8 @@ def pipeline_arguments(
         "result_uri": result_uri,
         "notify_url": notify_url,
         "notify_event_type": notify_event_type,
+        "request_digest": request_digest,
+        "task_events": task_events,
     }
     if notify_window_s is not None:
         args["notify_window_s"] = float(notify_window_s)
@@ -157,6 +165,8 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
         cache_dir: str = settings.task_cache_dir,
         traceparent: str = "",
         tracestate: str = "",
+        request_digest: str = "",
+        task_events: str = "",
     ) -> None:
         notify = notify_op(
             job_uuid=job_uuid,
@@ -189,6 +199,8 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
                 cache_dir=cache_dir,
                 traceparent=traceparent,
                 tracestate=tracestate,
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                task_events=task_events,
             )
             train.set_display_name(TRAIN_TASK)
             train.after(model, dataset)

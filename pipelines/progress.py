@@ -2,7 +2,7 @@
 
 The local runner (and the handler) reads the file while a run is going; it is replaced
 atomically (tmp + rename), so a reader never sees half a record. Remote runs have no shared
-disk and rely on the log lines.
+disk: the train task sends its progress as events (pipelines/task_events.py) and log lines.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from pipelines.logs import event
 from pipelines.result import write_json_atomic
+from pipelines.task_events import TaskEvents
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,14 @@ OPTIONAL_FIELDS = (
 
 
 class ProgressReporter:
-    """Callable the recipe invokes after each optimizer step."""
+    """Callable the recipe invokes after each optimizer step.
 
-    def __init__(self, path: Path | None) -> None:
+    ``listener`` (remote runs: :class:`pipelines.task_events.TaskEvents`) gets every record too.
+    """
+
+    def __init__(self, path: Path | None, listener: TaskEvents | None = None) -> None:
         self.path = Path(path) if path else None
+        self.listener = listener
 
     def __call__(self, record: dict[str, Any]) -> None:
         out = {
@@ -50,6 +55,8 @@ class ProgressReporter:
         event(log, "progress", **out)
         if self.path is not None:
             write_json_atomic(self.path, out)
+        if self.listener is not None:
+            self.listener.progress(out)
 
 
 __all__ = ["FIELDS", "OPTIONAL_FIELDS", "ProgressReporter"]

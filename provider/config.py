@@ -113,8 +113,8 @@ class KfpTrainerConfig(BaseModel):
     lost_after_s: float = Field(
         default=300.0,
         gt=0,
-        description="Remote: a job the handler still does not know after this long is failed "
-        "(the broker took the event, the handler refused it). KFP_TRAINER_LOST_AFTER_S",
+        description="Remote: a job the handler still does not know after this long says so in "
+        "its status (it is never ended on that alone). KFP_TRAINER_LOST_AFTER_S",
     )
     dataset_page_size: int = Field(
         default=1000, ge=1, description="Rows per datasetio iterrows page. KFP_TRAINER_PAGE_SIZE"

@@ -148,21 +148,26 @@ class KfpTrainerPostTraining:
             log.warning("status refresh failed", extra={"job_uuid": job_uuid, "error": str(exc)})
             return
         if view is not None:
-            await self._store.apply(view)
+            await self._store.apply(view, {"handler_note": None})
             return
+        # A 404 (or, above, a 5xx or no answer) never ends a job: the handler answers 404 for a
+        # request the Broker has not delivered yet as well as for one it dead-lettered, and the
+        # answer may change. Past lost_after_s the status says so, and stays revisable.
         record = await self._store.get(job_uuid)
-        if record and self._transport.polls and _age_s(record) > self.config.lost_after_s:
+        if (
+            record
+            and self._transport.polls
+            and not is_terminal(record)
+            and _age_s(record) > self.config.lost_after_s
+        ):
+            note = (
+                f"the handler has no record of job {job_uuid!r} "
+                f"{self.config.lost_after_s:.0f}s after it was requested: the Broker has not "
+                "delivered it yet, or the handler refused it (its dead-letter sink has the "
+                "reason); the status changes as soon as the handler knows the job"
+            )
             await self._store.apply(
-                {
-                    "job_uuid": job_uuid,
-                    "status": "failed",
-                    "completed_at": now_iso(),
-                    "error": (
-                        f"the handler has no record of job {job_uuid!r} "
-                        f"{self.config.lost_after_s:.0f}s after it was requested; the broker "
-                        "accepted the event but the handler refused it (see the handler's logs)"
-                    ),
-                }
+                {"job_uuid": job_uuid, "status": record["status"]}, {"handler_note": note}
             )
 
     # -- supervised_fine_tune ----------------------------------------------------------------
@@ -336,7 +341,7 @@ class KfpTrainerPostTraining:
             resources_allocated=record.get("resources_allocated"),
             checkpoints=[to_checkpoint(c) for c in record.get("checkpoints") or []],
             progress=record.get("progress"),
-            error=record.get("error"),
+            error=record.get("error") or record.get("handler_note"),
             dataset_rows=record.get("dataset_rows"),
             rows_without_trainable_tokens=record.get("rows_without_trainable_tokens"),
         )

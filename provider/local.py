@@ -1,9 +1,9 @@
 """Local transport: the handler runs inside ``llama stack run`` and gets the same HTTP message.
 
 ``send`` encodes the event with the contract's binary binding and passes it to
-``HandlerService.handle`` (the function the Flask view calls), so local mode exercises the very
+``LocalService.handle`` (the function the Flask view calls), so local mode exercises the very
 ingress remote mode does: parsing, validation, dedupe, the store and the reply. Status comes
-back through ``HandlerService.subscribe``, which hands over every event the handler emits.
+back through ``LocalService.subscribe``, which hands over every event the handler emits.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def handler_env(config: KfpTrainerConfig, env: Mapping[str, str]) -> dict[str, s
 
 
 class LocalTransport:
-    """Owns the in-process :class:`handler.service.HandlerService`."""
+    """Owns the in-process :class:`handler.service.LocalService`."""
 
     polls = False
 

@@ -1,4 +1,4 @@
-"""Where runs execute: one interface, one implementation per mode, chosen by one lookup."""
+"""Where local mode's runs execute: one base class, implementations chosen by one lookup."""
 
 from __future__ import annotations
 
@@ -13,19 +13,18 @@ if TYPE_CHECKING:
 
 BACKENDS: Final[dict[str, str]] = {
     "local": "handler.backends.local:LocalBackend",
-    "remote": "handler.remote.backend:RemoteBackend",
     "noop": "handler.backends.noop:NoopBackend",
     "hold": "handler.backends.noop:HoldBackend",
 }
 
 
 def load_backend(settings: HandlerSettings, store: JobStore) -> Backend:
-    """Build the backend ``settings`` select: KFP_TRAINER_BACKEND if set, else the mode.
+    """Build the backend ``settings`` select: KFP_TRAINER_BACKEND if set, else ``local``.
 
     :raises SettingsError: the name is neither a known backend nor an importable
         ``module:Class``.
     """
-    name = settings.backend or settings.mode
+    name = settings.backend or "local"
     spec = BACKENDS.get(name, name)
     module_name, _, attr = spec.partition(":")
     if not attr:

@@ -1,14 +1,17 @@
-"""The backend interface the handler's event logic talks to, whatever runs the pipeline.
+"""The backend interface of local mode's service, whatever runs the pipeline: one base class.
 
-Local mode runs KFP's SubprocessRunner on this machine; remote mode talks to a KFP server. Both
-answer in the same values, so the event logic never asks which one it has.
+``local`` runs each job as a process on this machine (KFP's SubprocessRunner); ``noop`` and
+``hold`` run nothing (benchmarks, smoke tests). Optional features are class attributes with
+defaults here, so the service reads them, never probes for them. Remote mode has no backend of
+this kind: its state is KFP itself (handler/remote/). ``RunState`` and the two errors are shared.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 from handler.contract import JobStatus
 
@@ -27,9 +30,7 @@ class RunState:
 
     status: JobStatus
     run_id: str | None = None
-    # When the backend accepted the run (KFP: created_at); a job re-adopted from the backend
-    # after the store lost it is scheduled then.
-    scheduled_at: datetime | None = None
+    scheduled_at: datetime | None = None  # when the backend accepted the run (KFP: created_at)
     started_at: datetime | None = None
     completed_at: datetime | None = None
     progress: dict[str, Any] | None = None  # step, total_steps, epoch, loss
@@ -38,62 +39,50 @@ class RunState:
     error: str | None = None
 
 
-class Backend(Protocol):
-    """Submit, observe and cancel pipeline runs. Every method is safe to call twice.
+class Backend(ABC):
+    """Submit, observe and cancel pipeline runs for local mode's store. Every method is safe to
+    call twice.
 
     Construction (fixed; every backend follows it)::
 
         backend = BackendClass(settings: HandlerSettings, store: handler.store.JobStore)
 
     ``handler.backends.load_backend(settings, store)`` is the one lookup that picks the class:
-    ``settings.backend`` (``KFP_TRAINER_BACKEND``) if set, else ``settings.mode``, looked up in
-    ``handler.backends.BACKENDS`` ({"local": "handler.backends.local:LocalBackend", "remote":
-    "handler.remote.backend:RemoteBackend", "noop": "handler.backends.noop:NoopBackend"}); a
-    ``"package.module:Class"`` value is imported as given. One instance per ``HandlerService``;
-    the constructor must do no network I/O (build clients lazily, on first use).
+    ``settings.backend`` (``KFP_TRAINER_BACKEND``) if set, else ``local``, looked up in
+    ``handler.backends.BACKENDS``; a ``"package.module:Class"`` value is imported as given. One
+    instance per service; the constructor must do no I/O (build clients on first use).
 
     What a backend may use of the store (safe across threads and gunicorn worker processes):
     ``store.request(job_uuid) -> dict`` (the job.requested data, model_artifact.uri resolved),
     ``store.backend_state(job_uuid) -> dict`` and ``store.set_backend_state(job_uuid, state)``
-    (a small JSON-able dict private to the backend, e.g. a pid or a run id, kept across restarts).
-
-    Optional class attributes the service reads with ``getattr`` (defaults in brackets):
-    ``max_concurrent: int | None`` [None]: runs active at once across all workers; None means
-    submit every queued job at once (KFP queues them itself). ``poll_interval_s: float | None``
-    [None]: how often the owning worker calls ``status()`` for its active jobs; None means only
-    when a ``run.finished`` notice or a ``dev.knative.sources.ping`` tick arrives.
-    ``describes_jobs: bool`` [False]: the backend is a system of record, so GET /jobs/<id>
-    refreshes an active job from ``status()`` and answers from ``status(job_uuid, None)`` for a
-    job this replica's store does not know (``run_id`` None there means "no such job"). Such a
-    backend also lets the service *re-adopt* a job its store lost (a Knative Service's store is
-    container-local): a ``run.finished`` notice or a cancel request naming a job the store does
-    not know creates its record from ``status(job_uuid, None)`` and carries on as usual.
-    ``list_active() -> list[str]`` [absent]: the job_uuids of runs this deployment started that
-    have not ended (remote: the configured experiment's PENDING/RUNNING/PAUSED runs); a
-    ``dev.knative.sources.ping`` tick re-adopts those the store does not know, so their end is
-    still announced. Only meaningful with ``describes_jobs``.
-    ``default_model_store() -> str`` [absent]: where model names resolve when
-    KFP_TRAINER_MODEL_STORE is empty.
+    (a small JSON-able dict private to the backend, e.g. a pid, kept across restarts).
 
     States: ``status()`` answers ``JobStatus.scheduled`` while the run waits, ``in_progress``
     while it runs, and a terminal status with ``result`` (pipelines' RunResult dict) and
     ``error`` once it ended. ``cancel()`` only asks; the terminal state comes from ``status()``.
     """
 
-    name: str
+    name: ClassVar[str]
+    # Runs active at once across all workers; None: submit every queued job at once.
+    max_concurrent: int | None = None
+    # How often the owning worker calls status() for its active jobs; None: only when a
+    # run.finished notice or a ping asks.
+    poll_interval_s: float | None = None
 
+    @abstractmethod
     def submit(self, request: dict[str, Any]) -> str:
         """Start (or find the already started) run for ``request['job_uuid']``; return its run id.
 
         :raises BackendUnavailable: transient; retry later.
         :raises BackendRejected: permanent; the message names the problem.
         """
-        ...
 
+    @abstractmethod
     def status(self, job_uuid: str, run_id: str | None) -> RunState: ...
 
+    @abstractmethod
     def cancel(self, job_uuid: str, run_id: str | None) -> None: ...
 
+    @abstractmethod
     def ready(self) -> bool:
         """True when the backend can accept work now (backs /readyz)."""
-        ...

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from handler import logs, procs
-from handler.backends.base import BackendRejected, RunState
+from handler.backends.base import Backend, BackendRejected, RunState
 from handler.contract import JobStatus
 from handler.settings import HandlerSettings
 from handler.store import JobStore
@@ -73,7 +73,7 @@ def _exit_reason(returncode: int) -> str:
     return f"the training process exited with code {returncode}"
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     """Runs jobs as local processes; at most ``settings.local_workers`` at once (FIFO)."""
 
     name = "local"

@@ -9,17 +9,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from handler.backends.base import RunState
+from handler.backends.base import Backend, RunState
 from handler.contract import JobStatus
 from handler.settings import HandlerSettings
 from handler.store import JobStore
 
 
-class NoopBackend:
+class NoopBackend(Backend):
     """Completes every submitted job immediately, with no checkpoints."""
 
     name = "noop"
-    max_concurrent: int | None = None
     poll_interval_s: float | None = 0.2
 
     def __init__(self, settings: HandlerSettings, store: JobStore) -> None:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 from handler import logs, metrics
@@ -273,18 +274,22 @@ class KfpClient:
         *,
         page_size: int = 100,
         max_pages: int = 50,
+        finished_after: datetime | None = None,
     ) -> list[Any]:
-        """The experiment's runs whose state is one of ``states``, oldest first (paged).
+        """The experiment's runs whose state is one of ``states`` (and, if given, that finished
+        at or after ``finished_after``), oldest first (paged).
 
         Bounded: at most ``max_pages`` pages; more is logged, not fetched.
         """
-        flt = json.dumps(
-            {
-                "predicates": [
-                    {"operation": "IN", "key": "state", "stringValues": {"values": list(states)}}
-                ]
-            }
-        )
+        predicates: list[dict[str, Any]] = [
+            {"operation": "IN", "key": "state", "stringValues": {"values": list(states)}}
+        ]
+        if finished_after is not None:
+            moment = finished_after.astimezone(UTC).isoformat().replace("+00:00", "Z")
+            predicates.append(
+                {"operation": "GREATER_THAN_EQUALS", "key": "finished_at", "timestampValue": moment}
+            )
+        flt = json.dumps({"predicates": predicates})
         runs: list[Any] = []
         token = ""
         for _ in range(max_pages):
@@ -311,6 +316,21 @@ class KfpClient:
             )
         runs.sort(key=lambda r: (str(r.created_at or ""), r.run_id or ""))
         return runs
+
+    def runs_page(self, experiment_id: str, token: str, size: int) -> tuple[list[Any], str]:
+        """One page of the experiment's runs, newest first, and the next page's token."""
+        kwargs: dict[str, Any] = {"page_token": token} if token else {}
+        reply = self.call(
+            "list runs",
+            lambda a: a.runs.run_service_list_runs(
+                experiment_id=experiment_id,
+                page_size=size,
+                sort_by="created_at desc",
+                _request_timeout=self._timeout_s,
+                **kwargs,
+            ),
+        )
+        return list(reply.runs or []), reply.next_page_token or ""
 
     def create_run(
         self,
@@ -342,6 +362,12 @@ class KfpClient:
         self.call(
             f"terminate run {run_id}",
             lambda a: a.runs.run_service_terminate_run(run_id, _request_timeout=self._timeout_s),
+        )
+
+    def delete_run(self, run_id: str) -> None:
+        self.call(
+            f"delete run {run_id}",
+            lambda a: a.runs.run_service_delete_run(run_id, _request_timeout=self._timeout_s),
         )
 
     def close(self) -> None:

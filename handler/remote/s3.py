@@ -2,7 +2,8 @@
 
 Layout under ``s3://<S3_BUCKET>/<S3_PREFIX>/``:
 ``jobs/<job_uuid>/`` (the run's ``result_uri``: checkpoints plus ``result.json``, the manifest
-the train task writes because KFP's REST API cannot show artifact metadata) and
+the train task writes because KFP's REST API cannot show artifact metadata, and
+``progress.json``, the train task's latest step) and
 ``models/<model>.tar`` (what ``kfp-trainer upload-model`` writes and the model store resolves).
 """
 
@@ -14,6 +15,7 @@ import os
 import tarfile
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,6 +24,7 @@ from handler.backends.base import BackendUnavailable
 from handler.settings import RemoteSettings
 
 RESULT_FILE: Final = "result.json"
+PROGRESS_FILE: Final = "progress.json"  # pipelines.task_events.PROGRESS_FILE
 DIGEST_METADATA: Final = "sha256"  # x-amz-meta-sha256 on uploaded model archives
 _CHUNK: Final = 1024 * 1024
 
@@ -96,18 +99,19 @@ def _unavailable(what: str, exc: Exception) -> BackendUnavailable:
     return BackendUnavailable(f"S3 unavailable while {what}: {type(exc).__name__}: {exc}")
 
 
-def read_result(client: Any, remote: RemoteSettings, job_uuid: str) -> dict[str, Any] | None:
-    """The job's result manifest, or None when the run has not written one (yet).
+def read_json(client: Any, remote: RemoteSettings, job_uuid: str, name: str) -> Stored | None:
+    """``jobs/<job_uuid>/<name>`` as a JSON object, or None when it is not there (yet).
 
-    :raises BackendUnavailable: S3 cannot be reached or answers with a server error.
-    :raises ManifestError: the manifest is there but unreadable as a JSON object.
+    :raises BackendUnavailable: S3 cannot be reached, refuses (bucket, access) or errs.
+    :raises ManifestError: the object is there but is not a JSON object.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
-    key = job_prefix(remote, job_uuid) + RESULT_FILE
+    key = job_prefix(remote, job_uuid) + name
     uri = f"s3://{remote.s3_bucket}/{key}"
     try:
-        body = client.get_object(Bucket=remote.s3_bucket, Key=key)["Body"].read()
+        reply = client.get_object(Bucket=remote.s3_bucket, Key=key)
+        body = reply["Body"].read()
     except ClientError as exc:
         if _code(exc) in ("NoSuchKey", "404", "NotFound"):
             return None
@@ -117,12 +121,26 @@ def read_result(client: Any, remote: RemoteSettings, job_uuid: str) -> dict[str,
     except BotoCoreError as exc:
         raise _unavailable(f"reading {uri}", exc) from None
     try:
-        manifest = json.loads(body)
+        value = json.loads(body)
     except ValueError as exc:
-        raise ManifestError(f"result manifest {uri} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise ManifestError(f"result manifest {uri} is not a JSON object")
-    return manifest
+        raise ManifestError(f"{uri} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ManifestError(f"{uri} is not a JSON object")
+    return Stored(value, reply.get("LastModified"))
+
+
+def read_result(client: Any, remote: RemoteSettings, job_uuid: str) -> dict[str, Any] | None:
+    """The job's result manifest (``result.json``), or None when the run has not written one."""
+    stored = read_json(client, remote, job_uuid, RESULT_FILE)
+    return stored.value if stored else None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A JSON object read from S3 and when it was last written there."""
+
+    value: dict[str, Any]
+    modified: datetime | None
 
 
 # ---- model upload ---------------------------------------------------------------------------

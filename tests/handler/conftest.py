@@ -11,7 +11,7 @@ import pytest
 from flask import Flask
 
 from handler import EXTENSION, create_app
-from handler.service import HandlerService
+from handler.service import LocalService
 from handler.settings import HandlerSettings
 from tests.support.jobs import make_tiny_model, write_dataset
 from tests.support.sink import Sink
@@ -73,7 +73,7 @@ def client(app: Flask):
 
 
 @pytest.fixture
-def service(app: Flask) -> HandlerService:
+def service(app: Flask) -> LocalService:
     return app.extensions[EXTENSION]
 
 

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import sqlite3
-import uuid
 from pathlib import Path
 
 import pytest
@@ -38,7 +37,7 @@ def test_two_apps_share_nothing(make_app, env, tmp_path, dataset):
 
 def test_health_and_readiness(client):
     assert client.get("/healthz").json == {"status": "ok"}
-    assert client.get("/readyz").json == {"status": "ready", "backend": "noop"}
+    assert client.get("/readyz").json == {"status": "ready", "mode": "local"}
 
 
 def test_importing_handler_builds_nothing():
@@ -520,143 +519,3 @@ def test_unknown_route_and_method_answer_json(client):
     r = client.put("/")
     assert r.status_code == 405
     assert r.json["error"] == "method_not_allowed"
-
-
-# -- backends that are a system of record (remote) ---------------------------------------------
-
-DESCRIBING = "tests.handler.backends_for_tests:DescribingBackend"
-
-
-def test_job_status_from_a_describing_backend(make_app, env):
-    client = make_app(env, KFP_TRAINER_BACKEND=DESCRIBING).test_client()
-    r = client.get("/jobs/elsewhere-1")
-    assert r.status_code == 200
-    assert (r.json["status"], r.json["run_id"], r.json["dataset_rows"]) == (
-        "completed",
-        "kfp-elsewhere-1",
-        3,
-    )
-    assert client.get("/jobs/unknown-anywhere").status_code == 404
-
-
-def test_model_store_defaults_to_the_backends(make_app, env, dataset, model_store, tmp_path):
-    import shutil
-
-    shutil.copytree(model_store, tmp_path / "default-models")
-    app = make_app(env, KFP_TRAINER_BACKEND=DESCRIBING, KFP_TRAINER_MODEL_STORE="")
-    m = requested_message(request_data("job-dm", dataset))
-    r = app.test_client().post("/", headers=m.headers, data=m.body)
-    assert r.status_code == 200, r.json
-    request = app.extensions[EXTENSION].store.request("job-dm")
-    assert request["model_artifact"]["uri"] == str(tmp_path / "default-models" / "llama3.2-tiny")
-
-
-# -- re-adopting jobs the store lost (the backend is a system of record) -----------------------
-
-RECORD = "tests.handler.backends_for_tests:RecordBackend"
-
-
-def _record_app(make_app, env):
-    from datetime import UTC, datetime
-
-    from handler.backends.base import RunState
-    from handler.contract import JobStatus
-
-    app = make_app(env, KFP_TRAINER_BACKEND=RECORD)
-    service = app.extensions[EXTENSION]
-    t0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    done = {"checkpoints": [], "dataset_rows": 4, "resources_allocated": {"device": "cpu"}}
-
-    def run(job: str, status: JobStatus, **kw) -> None:
-        service.backend.runs[job] = RunState(
-            status, f"run-{job}", scheduled_at=t0, started_at=t0, result=kw.pop("result", {}), **kw
-        )
-
-    return app.test_client(), service, run, done, JobStatus
-
-
-def _ping(client):
-    headers = {
-        "ce-specversion": "1.0",
-        "ce-id": f"tick-{uuid.uuid4().hex[:8]}",
-        "ce-source": "/apis/v1/namespaces/ns/pingsources/tick",
-        "ce-type": contract.PING,
-        "Content-Type": "application/json",
-    }
-    return client.post("/", headers=headers, data=b"{}")
-
-
-def test_notice_for_a_job_only_the_backend_knows_adopts_it_and_emits_once(make_app, env):
-    client, service, run, done, status = _record_app(make_app, env)
-    run("lost-1", status.completed, result=done)
-    headers, body = binary(contract.RUN_FINISHED, {"job_uuid": "lost-1", "state": "SUCCEEDED"})
-    r = client.post("/", headers=headers, data=body)
-    assert r.status_code == 202, r.json
-    assert r.json == {"job_uuid": "lost-1", "status": "completed"}
-    for _ in range(2):  # a repeated notice and a tick change nothing
-        assert client.post("/", headers=headers, data=body).status_code == 202
-        assert _ping(client).status_code == 202
-    events = service.store.events("lost-1")
-    assert [e["id"] for e in events] == ["lost-1/job.scheduled", "lost-1/job.completed"]
-    completed = events[1]["data"]
-    assert completed["run_id"] == "run-lost-1"
-    assert completed["dataset_rows"] == 4
-    assert completed["scheduled_at"] == completed["started_at"] == "2026-01-02T03:04:05.000Z"
-    job = client.get("/jobs/lost-1").json
-    assert (job["status"], job["run_id"]) == ("completed", "run-lost-1")
-    assert service.backend.submitted == []  # adopted, never submitted again
-
-
-def test_cancel_of_a_job_only_the_backend_knows_cancels_its_run(make_app, env, dataset):
-    client, service, run, _, status = _record_app(make_app, env)
-    run("lost-2", status.in_progress)
-    m = cancel_message("lost-2")
-    r = client.post("/", headers=m.headers, data=m.body)
-    assert r.status_code == 202, r.json
-    assert r.json == {"job_uuid": "lost-2", "status": "cancelled"}
-    assert service.backend.cancelled == ["lost-2"]
-    assert [e["id"] for e in service.store.events("lost-2")] == [
-        "lost-2/job.scheduled",
-        "lost-2/job.cancelled",
-    ]
-    # Knative redelivers the original request: the same reply, no second run.
-    req = requested_message(request_data("lost-2", dataset))
-    again = client.post("/", headers=req.headers, data=req.body)
-    assert again.status_code == 200 and again.headers["ce-id"] == "lost-2/job.scheduled"
-    assert service.backend.submitted == []
-
-
-def test_ping_adopts_unfinished_runs_the_store_lacks_and_announces_their_end(make_app, env):
-    client, service, run, done, status = _record_app(make_app, env)
-    run("lost-3", status.in_progress)
-    run("lost-4", status.scheduled)
-    run("ended-long-ago", status.completed, result=done)  # not listed: not adopted
-    r = _ping(client)
-    assert r.status_code == 202
-    assert r.json == {"reconciled": 2, "adopted": 2}
-    assert client.get("/jobs/lost-3").json["status"] == "in_progress"
-    assert service.store.job("ended-long-ago") is None
-    assert [e["id"] for e in service.store.events("lost-3")] == ["lost-3/job.scheduled"]
-    run("lost-3", status.completed, result=done)
-    assert _ping(client).json == {"reconciled": 2, "adopted": 0}
-    assert _ping(client).json == {"reconciled": 1, "adopted": 0}
-    assert [e["id"] for e in service.store.events("lost-3")] == [
-        "lost-3/job.scheduled",
-        "lost-3/job.completed",
-    ]
-
-
-def test_jobs_unknown_to_store_and_backend_are_a_clear_400(make_app, env):
-    client, service, *_ = _record_app(make_app, env)
-    m = cancel_message("nowhere")
-    r = client.post("/", headers=m.headers, data=m.body)
-    assert r.status_code == 400
-    assert r.json["message"] == (
-        "unknown job 'nowhere': neither the job store nor the record backend has it; "
-        "nothing to cancel"
-    )
-    headers, body = binary(contract.RUN_FINISHED, {"job_uuid": "nowhere", "state": "FAILED"})
-    r = client.post("/", headers=headers, data=body)
-    assert r.status_code == 400
-    assert r.json["message"].endswith("has it; no run to reconcile")
-    assert service.store.jobs() == []

@@ -266,7 +266,7 @@ def test_status_routes(server):
     g, _, _ = server
     assert curl(g.url + "/healthz")[0] == 200
     status, _, body = curl(g.url + "/readyz")
-    assert (status, json.loads(body)) == (200, {"status": "ready", "backend": "local"})
+    assert (status, json.loads(body)) == (200, {"status": "ready", "mode": "local"})
     status, _, body = curl(g.url + "/jobs")
     assert status == 200 and isinstance(json.loads(body)["jobs"], list)
     status, _, body = curl(g.url + "/jobs/nope")

@@ -1,4 +1,4 @@
-"""HandlerService in-process (the provider's path) with the local backend's process handling.
+"""LocalService in-process (the provider's path) with the local backend's process handling.
 
 The local backend here runs tests/handler/fake_pipeline_run.py (same arguments and files as
 ``python -m pipelines run``) so spawn, progress, exit codes, cancel and adoption are exact and
@@ -7,6 +7,7 @@ quick; test_handler_training.py runs the real pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from handler import contract, procs
-from handler.service import HandlerService, create_service
+from handler.service import LocalService, create_service
 from handler.settings import HandlerSettings
 from tests.handler.conftest import FAKE_BACKEND
 from tests.handler.helpers import cancel_message, request_data, requested_message
@@ -53,7 +54,7 @@ class Recorder:
 
 @pytest.fixture
 def services():
-    made: list[HandlerService] = []
+    made: list[LocalService] = []
     yield made
     for s in made:
         s.stop(timeout=5)
@@ -63,7 +64,7 @@ def services():
 def local(env, services):
     """Make a started service over the local backend (fake run) and a subscriber."""
 
-    def make(**extra: str) -> tuple[HandlerService, Recorder]:
+    def make(**extra: str) -> tuple[LocalService, Recorder]:
         settings = HandlerSettings.from_env(
             {**env, "KFP_TRAINER_BACKEND": FAKE_BACKEND, "KFP_TRAINER_LOCAL_WORKERS": "1", **extra}
         )
@@ -81,21 +82,21 @@ def fake(job_uuid: str, dataset: Path, **cfg: Any) -> dict[str, Any]:
     return request_data(job_uuid, dataset, logger_config={"fake": cfg})
 
 
-def submit(service: HandlerService, data: dict[str, Any]) -> Any:
+def submit(service: LocalService, data: dict[str, Any]) -> Any:
     reply = service.handle(requested_message(data))
     assert reply.status == 200, reply.body
     return reply
 
 
-def status_of(service: HandlerService, job_uuid: str) -> str:
+def status_of(service: LocalService, job_uuid: str) -> str:
     return service.job(job_uuid)["status"]
 
 
-def job_dir(service: HandlerService, job_uuid: str) -> Path:
+def job_dir(service: LocalService, job_uuid: str) -> Path:
     return service.settings.state_dir / "jobs" / job_uuid
 
 
-def starts(service: HandlerService, job_uuid: str) -> int:
+def starts(service: LocalService, job_uuid: str) -> int:
     log = job_dir(service, job_uuid) / "work" / "starts.log"
     return len(log.read_text().splitlines()) if log.exists() else 0
 
@@ -261,9 +262,11 @@ def test_undelivered_events_are_retried_with_backoff(env, services, dataset, sin
 def test_bad_ce_overrides_fail_at_startup(env):
     from handler.settings import SettingsError
 
-    settings = HandlerSettings.from_env({**env, "K_CE_OVERRIDES": '{"extensions": {"Bad-Key": 1}}'})
     with pytest.raises(SettingsError, match="K_CE_OVERRIDES: Bad-Key cannot be"):
-        create_service(settings)
+        HandlerSettings.from_env({**env, "K_CE_OVERRIDES": '{"extensions": {"Bad-Key": 1}}'})
+    built = dataclasses.replace(HandlerSettings.from_env(env), ce_overrides={"id": "x"})
+    with pytest.raises(SettingsError, match="K_CE_OVERRIDES: id cannot be"):
+        create_service(built)
 
 
 def test_job_status_shape_matches_the_contract(local, dataset):
@@ -272,4 +275,4 @@ def test_job_status_shape_matches_the_contract(local, dataset):
     wait_for(lambda: status_of(service, "shape") == "completed", 30, "completed")
     status = service.job("shape")
     contract.validate_data(contract.JOB_COMPLETED, status)
-    assert json.loads(json.dumps(service.jobs()))[0]["job_uuid"] == "shape"
+    assert json.loads(json.dumps(service.jobs().jobs))[0]["job_uuid"] == "shape"

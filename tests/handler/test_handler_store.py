@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from handler import contract
-from handler.store import QUEUED, RUNNING, JobStore, new_job
+from handler.jobstate import JobState
+from handler.store import JobStore, new_job
 
 
 def _scheduled(job):
@@ -50,7 +51,7 @@ def test_claims_across_processes_respect_the_limit_and_the_order(tmp_path):
         p.join(30)
     claimed = [u for _, got in results for u in got]
     assert sorted(claimed) == uuids[:2]  # two at most, and the two oldest
-    assert [j.state for j in store.jobs()] == ["starting"] * 2 + [QUEUED] * 4
+    assert [j.state for j in store.jobs()] == ["starting"] * 2 + [JobState.queued] * 4
 
 
 def test_claim_is_strictly_fifo_behind_a_job_waiting_for_retry(tmp_path):
@@ -105,7 +106,7 @@ def test_outbox_holds_a_jobs_later_events_behind_an_undelivered_one(tmp_path):
         store.update(
             u,
             when=lambda j: True,
-            change=lambda j: {"state": RUNNING},
+            change=lambda j: {"state": JobState.running},
             emit=lambda j: contract.make_event(contract.JOB_STARTED, "/t", j.to_status()),
         )
     rows = store.claim_outbox("w", now=time.time(), lease_s=60)

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from handler import contract, procs
-from handler.store import QUEUED, JobStore
+from handler.jobstate import JobState
+from handler.store import JobStore
 from tests.handler.helpers import request_data
 from tests.support.gunicorn import Gunicorn
 from tests.support.http_client import curl
@@ -122,7 +123,7 @@ def test_restart_with_queued_jobs_and_an_undelivered_event(env, tmp_path):
             assert first.stop() == 0
         store = JobStore(db)
         jobs = {j.job_uuid: j for j in store.jobs()}
-        assert jobs["rs-2"].state == QUEUED and jobs["rs-3"].state == QUEUED
+        assert jobs["rs-2"].state == JobState.queued and jobs["rs-3"].state == JobState.queued
         assert store.pending_events() >= 1
         pid_before = store.backend_state("rs-1")["pid"]
         store.close()

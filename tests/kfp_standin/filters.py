@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
@@ -39,8 +40,8 @@ _VALUE_FIELDS = {
     "int_value": "int",
     "longValue": "int",
     "long_value": "int",
-    "timestampValue": "string",
-    "timestamp_value": "string",
+    "timestampValue": "timestamp",
+    "timestamp_value": "timestamp",
     "intValues": "list",
     "int_values": "list",
     "longValues": "list",
@@ -93,5 +94,18 @@ def _predicate(p: Any, keys: frozenset[str]) -> Predicate:
         raise FilterError(f"filter predicate on {key!r}: operation IN needs a list value")
     elif _VALUE_FIELDS[name] == "int":
         want = int(want)
+    elif _VALUE_FIELDS[name] == "timestamp":  # compared as instants, not as strings
+        moment = _instant(want, key)
+        compare = _OPS[op]
+        return lambda record: compare(_instant(record.get(key), key), moment)
     compare = _OPS[op]
     return lambda record: compare(record.get(key), want)
+
+
+def _instant(value: Any, key: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise FilterError(f"filter predicate on {key!r}: {value!r} is not a timestamp") from None

@@ -27,7 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tests.kfp_standin import simulated
+from tests.kfp_standin.executor import TASKS_DIR, TASKS_LOG
 from tests.kfp_standin.filters import parse_filter
+from tests.kfp_standin.simulated import Simulation
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")
@@ -70,12 +73,15 @@ class KfpState:
         self.work_dir = work_dir
         self.multi_user = False  # multi-user KFP: experiments live in a namespace
         self.secrets: dict[str, dict[str, str]] = {}
+        # Set: runs are simulated in-process (tests/kfp_standin/simulated.py), not executed.
+        self.simulation: Simulation | None = None
         self.task_env: dict[str, str] = {}
         self._lock = threading.RLock()
         self._experiments: dict[str, dict[str, Any]] = {}
         self._runs: dict[str, dict[str, Any]] = {}
         self._executions: dict[str, Execution] = {}
         self._platform: dict[str, dict[str, Any]] = {}
+        self.deleted: list[str] = []  # run ids DeleteRun removed, oldest first
 
     # ---- experiments ------------------------------------------------------------------------
     def create_experiment(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +193,17 @@ class KfpState:
                 raise ApiError(404, f"Run {run_id} not found") from None
 
     def list_runs(self, query: dict[str, str]) -> dict[str, Any]:
-        keys = frozenset(("display_name", "run_id", "experiment_id", "state", "storage_state"))
+        keys = frozenset(
+            (
+                "display_name",
+                "run_id",
+                "experiment_id",
+                "state",
+                "storage_state",
+                "created_at",
+                "finished_at",
+            )
+        )
         match = parse_filter(query.get("filter"), keys)
         experiment_id = query.get("experiment_id")
         with self._lock:
@@ -211,6 +227,13 @@ class KfpState:
             process = execution.process
         if process is not None and process.poll() is None:
             _kill_group(process, signal.SIGTERM)
+
+    def delete_run(self, run_id: str) -> None:
+        """Terminate the run if it still runs, and forget it (KFP's DeleteRun)."""
+        self.terminate_run(run_id)
+        with self._lock:
+            self._runs.pop(run_id, None)
+            self.deleted.append(run_id)
 
     # ---- test helpers -----------------------------------------------------------------------
     def platform_spec(self, run_id: str) -> dict[str, Any]:
@@ -249,8 +272,65 @@ class KfpState:
             execution.done.wait(timeout)
 
     # ---- internals --------------------------------------------------------------------------
+    def _simulate(
+        self,
+        run_id: str,
+        spec: dict[str, Any],
+        arguments: dict[str, Any],
+        secret_env: dict[str, dict[str, str]],
+        execution: Execution,
+    ) -> None:
+        """Run the pipeline's effects in-process (tests/kfp_standin/simulated.py)."""
+        assert self.simulation is not None and self.simulation.train_s is not None
+        with self._lock:
+            run = self._runs[run_id]
+            if execution.cancel_requested:
+                self._set_state(run, "CANCELED")
+                return
+            self._set_state(run, "RUNNING")
+        env = {**self.task_env, **_task_env(spec, "exec-train"), **secret_env.get("exec-train", {})}
+        if "job_uuid" not in arguments or "request_json" not in arguments:
+            time.sleep(self.simulation.train_s)  # not the project's pipeline: nothing to do
+            with self._lock:
+                self._set_state(run, "CANCELED" if execution.cancel_requested else "SUCCEEDED")
+            return
+        try:
+            error = simulated.train(
+                run_id, arguments, env, self.simulation, lambda: execution.cancel_requested
+            )
+        except Exception as exc:  # as a crashing task would
+            error = f"{type(exc).__name__}: {exc}"
+        if execution.cancel_requested:
+            with self._lock:
+                self._set_state(run, "CANCELED")
+            return
+        simulated.notify(run_id, arguments, "FAILED" if error else "SUCCEEDED", error)
+        with self._lock:
+            self._set_state(
+                run,
+                "CANCELED" if execution.cancel_requested else "FAILED" if error else "SUCCEEDED",
+            )
+
     def _public(self, run: dict[str, Any]) -> dict[str, Any]:
-        return copy.deepcopy(run)
+        public = copy.deepcopy(run)
+        details = _task_details(run["run_id"], self.work_dir / "runs" / run["run_id"])
+        if details:
+            public["run_details"] = {"task_details": details}
+        return public
+
+    def oom_kill(self, run_id: str, executor: str = "exec-train", timeout: float = 60) -> None:
+        """Kill a running task's process as the kernel's OOM killer does (SIGKILL), so it is
+        reported as Kubernetes reports it: ``OOMKilled (exit code 137)``."""
+        run_dir = self.work_dir / "runs" / run_id
+        deadline = time.monotonic() + timeout
+        while (pid := _running_pid(run_dir, executor)) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no running {executor} task in run {run_id}")
+            time.sleep(0.1)
+        (run_dir / TASKS_DIR / f"{executor}.oom").touch()
+        for victim in [pid, *_descendants(pid)]:  # the container's processes, all at once
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
 
     def _set_state(self, run: dict[str, Any], state: str, error: str | None = None) -> None:
         now = _now()
@@ -277,6 +357,10 @@ class KfpState:
         except ApiError as exc:  # like a pod stuck on a missing Secret: the run fails
             with self._lock:
                 self._set_state(self._runs[run_id], "FAILED", exc.message)
+            return
+        if self.simulation is not None:
+            if self.simulation.train_s is not None:
+                self._simulate(run_id, spec, arguments, secret_env, execution)
             return
         (run_dir / "pipeline_spec.json").write_text(json.dumps(spec))
         # Read and deleted by the executor: secret values never sit in the run's files.
@@ -325,6 +409,82 @@ class KfpState:
                     error_file.read_text() if error_file.exists() else f"executor exited {code}"
                 )
                 self._set_state(run, "FAILED", message)
+
+
+def _task_entries(run_dir: Path) -> list[dict[str, Any]]:
+    try:
+        lines = (run_dir / TASKS_LOG).read_text().splitlines()
+    except OSError:
+        return []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (a task is ``sh -c`` running python, as in its container)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        found += children
+        todo += children
+    return found
+
+
+def _running_pid(run_dir: Path, executor: str) -> int | None:
+    pid = None
+    for entry in _task_entries(run_dir):
+        if entry["executor"] == executor:
+            pid = entry.get("pid") if entry["event"] == "started" else None
+    return pid
+
+
+def _task_details(run_id: str, run_dir: Path) -> list[dict[str, Any]]:
+    """``run_details.task_details`` as KFP answers it: each task's state and, for a failed one,
+    the error Kubernetes reported (its termination message, ``OOMKilled (exit code 137)``, or
+    ``Error (exit code N)``)."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for entry in _task_entries(run_dir):
+        name = entry["executor"]
+        if entry["event"] == "started":
+            tasks[name] = {
+                "run_id": run_id,
+                "task_id": f"{run_id}-{name}",
+                "display_name": name.removeprefix("exec-"),
+                "pod_name": f"{run_id[:8]}-{name}",
+                "create_time": entry["time"],
+                "start_time": entry["time"],
+                "state": "RUNNING",
+            }
+            continue
+        task = tasks.setdefault(name, {"display_name": name.removeprefix("exec-")})
+        task["end_time"] = entry["time"]
+        code = entry["returncode"]
+        if code == 0:
+            task["state"] = "SUCCEEDED"
+            continue
+        task["state"] = "FAILED"
+        exit_code = 128 - code if code < 0 else code
+        message_file = run_dir / TASKS_DIR / f"{name}.termination-log"
+        if entry.get("oom"):
+            message = f"OOMKilled (exit code {exit_code})"
+        elif message_file.exists() and message_file.read_text().strip():
+            message = message_file.read_text().strip()
+        else:
+            message = f"Error (exit code {exit_code})"
+        task["error"] = {"code": 2, "message": message, "details": []}
+    return list(tasks.values())
+
+
+def _task_env(spec: dict[str, Any], executor: str) -> dict[str, str]:
+    container = spec.get("deploymentSpec", {}).get("executors", {}).get(executor, {})
+    return {e["name"]: e["value"] for e in container.get("container", {}).get("env", [])}
 
 
 def _until_done(job: Callable[[], None], execution: Execution) -> None:

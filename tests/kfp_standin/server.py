@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from tests.kfp_standin.filters import FilterError
 from tests.kfp_standin.runs import ApiError, KfpState
+from tests.kfp_standin.simulated import Simulation
 
 log = logging.getLogger("kfp_standin")
 
@@ -36,6 +37,7 @@ _ROUTES: list[Route] = [
     ("GET", re.compile(rf"^{_API}/runs$"), "list_runs"),
     ("POST", re.compile(rf"^{_API}/runs$"), "create_run"),
     ("GET", re.compile(rf"^{_API}/runs/(?P<id>[^/:]+)$"), "get_run"),
+    ("DELETE", re.compile(rf"^{_API}/runs/(?P<id>[^/:]+)$"), "delete_run"),
     ("POST", re.compile(rf"^{_API}/runs/(?P<id>[^/:]+):terminate$"), "terminate_run"),
 ]
 
@@ -54,10 +56,13 @@ class KfpStandin:
         work_dir: Path | None = None,
         port: int = 0,
         tls: tuple[Path, Path] | None = None,
+        simulate: Simulation | None = None,
     ) -> None:
-        """:param tls: (certificate, key) PEM files: serve HTTPS with them instead of HTTP."""
+        """:param tls: (certificate, key) PEM files: serve HTTPS with them instead of HTTP.
+        :param simulate: run pipelines cheaply in-process (tests/kfp_standin/simulated.py)."""
         self._tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="kfp-standin-")
         self.state = KfpState(Path(work_dir or self._tmp.name))  # type: ignore[union-attr]
+        self.state.simulation = simulate
         self._token = token
         self._port = port
         self._tls = tls
@@ -168,6 +173,10 @@ class KfpStandin:
 
     def _terminate_run(self, query: dict[str, str], body: Any, id: str) -> dict[str, Any]:
         self.state.terminate_run(id)
+        return {}
+
+    def _delete_run(self, query: dict[str, str], body: Any, id: str) -> dict[str, Any]:
+        self.state.delete_run(id)
         return {}
 
 

@@ -3,8 +3,8 @@
 A Trigger delivers each event over HTTP in binary mode, adding ce-knativearrivaltime, a W3C
 traceparent and `Prefer: reply`; it routes a 200 reply carrying a CloudEvent back into the
 Broker, drops 202 replies, retries 404/408/409/429/5xx and dead-letters other 4xx. The
-SinkBinding gives the pod K_SINK and K_CE_OVERRIDES. Training is replaced by configuration
-(KFP_TRAINER_BACKEND=noop: every job completes at once), nothing else is.
+SinkBinding gives the pod K_SINK and K_CE_OVERRIDES. KFP is the stand-in with simulated runs
+(tests/kfp_standin/simulated.py) and S3 is moto; nothing else differs from the deployment.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import pytest
 import requests
 
 from handler import contract
+from tests.kfp_standin import KfpStandin, Simulation
 from tests.knative import manifests as m
 from tests.knative.loopback import HandlerPod, raw_request, read_response
 from tests.support.http_client import ce_headers
-from tests.support.jobs import job_request
-from tests.support.loopback import free_port, wait_for
+from tests.support.jobs import job_request, write_dataset
+from tests.support.loopback import wait_for
+from tests.support.s3 import moto_server
 from tests.support.sink import Sink
 
 EXTENSION = "kfpdeployment"  # what a SinkBinding's ceOverrides would add
@@ -32,16 +34,75 @@ RETRIED_BY_KNATIVE = {404, 408, 409, 429}
 TIMEOUT = 30.0
 
 
-def overrides(sink: Sink) -> dict[str, str]:
-    """What differs from knative/'s environment on loopback, and nothing more."""
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "delivery-key", "AWS_SECRET_ACCESS_KEY": "delivery-secret"}
+
+
+class Cluster:
+    """What the pod talks to: S3 (moto), KFP (the stand-in, simulated runs), the Broker (a sink)."""
+
+    def __init__(self, moto_url: str, tmp: Any) -> None:
+        import boto3
+
+        self.moto_url = moto_url
+        self.bucket = m.config_map_data()["S3_BUCKET"]
+        self.prefix = m.config_map_data()["S3_PREFIX"]
+        self.s3 = boto3.client(
+            "s3", endpoint_url=moto_url, region_name="us-east-1", **_boto(CREDENTIALS)
+        )
+        self.s3.create_bucket(Bucket=self.bucket)
+        self.s3.put_object(
+            Bucket=self.bucket, Key=f"{self.prefix}/models/llama3.2-tiny.tar", Body=b"m"
+        )
+        self.dataset = write_dataset(tmp / "train.jsonl")
+        self.standin = KfpStandin(token=None, work_dir=tmp / "kfp", simulate=Simulation(0.2))
+        self.standin.set_secret(m.config_map_data()["KFP_TRAINER_S3_SECRET"], CREDENTIALS)
+        self.standin.set_task_env({"S3_ENDPOINT_URL": moto_url})
+        self.standin.start()
+
+    def overrides(self, sink: Sink) -> dict[str, str]:
+        """What differs from knative/'s environment on loopback, and nothing more."""
+        return {
+            "KFP_HOST": self.standin.url,
+            "K_SINK": sink.url,
+            "K_CE_OVERRIDES": json.dumps({"extensions": {EXTENSION: "loopback"}}),
+            "S3_ENDPOINT_URL": self.moto_url,
+            **CREDENTIALS,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_MAX_ATTEMPTS": "1",
+            "KFP_TRAINER_NOTIFY_WINDOW_S": "5",
+        }
+
+    def dataset_uri(self, job_uuid: str) -> str:
+        key = f"{self.prefix}/datasets/{job_uuid}/train.jsonl"
+        self.s3.upload_file(str(self.dataset), self.bucket, key)
+        return f"s3://{self.bucket}/{key}"
+
+    def runs_named(self, job_uuid: str) -> list[dict[str, Any]]:
+        flt = json.dumps(
+            {
+                "predicates": [
+                    {"operation": "EQUALS", "key": "display_name", "stringValue": job_uuid}
+                ]
+            }
+        )
+        return self.standin.state.list_runs({"filter": flt}).get("runs", [])
+
+
+def _boto(credentials: dict[str, str]) -> dict[str, str]:
     return {
-        "KFP_TRAINER_BACKEND": "noop",  # no KFP server here; runs complete at once
-        "K_SINK": sink.url,
-        "K_CE_OVERRIDES": json.dumps({"extensions": {EXTENSION: "loopback"}}),
-        # The model store's S3 endpoint: nothing listens there (the transient-failure case).
-        "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-        "AWS_MAX_ATTEMPTS": "1",
+        "aws_access_key_id": credentials["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": credentials["AWS_SECRET_ACCESS_KEY"],
     }
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with moto_server() as url:
+        cluster = Cluster(url, tmp_path_factory.mktemp("cluster"))
+        try:
+            yield cluster
+        finally:
+            cluster.standin.close()
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +112,10 @@ def sink() -> Iterator[Sink]:
 
 
 @pytest.fixture(scope="module")
-def pod(tmp_path_factory: pytest.TempPathFactory, sink: Sink) -> Iterator[HandlerPod]:
-    pod = HandlerPod(tmp_path_factory.mktemp("pod"), overrides(sink))
+def pod(
+    tmp_path_factory: pytest.TempPathFactory, cluster: Cluster, sink: Sink
+) -> Iterator[HandlerPod]:
+    pod = HandlerPod(tmp_path_factory.mktemp("pod"), cluster.overrides(sink))
     try:
         pod.wait_ready()
         yield pod
@@ -60,13 +123,14 @@ def pod(tmp_path_factory: pytest.TempPathFactory, sink: Sink) -> Iterator[Handle
         pod.stop()
 
 
-def request_data(job_uuid: str, **changes: Any) -> dict[str, Any]:
-    """A job.requested payload as the provider sends it in remote mode (everything in S3)."""
+def request_data(job_uuid: str, dataset_uri: str = "", **changes: Any) -> dict[str, Any]:
+    """A job.requested payload as the provider sends it in remote mode (everything in S3);
+    without ``dataset_uri`` the dataset is one nobody uploaded (the run will fail on it)."""
     bucket = m.config_map_data()["S3_BUCKET"]
     base = f"s3://{bucket}/{m.config_map_data()['S3_PREFIX']}"
     return job_request(
         job_uuid,
-        f"{base}/datasets/{job_uuid}/train.jsonl",
+        dataset_uri or f"{base}/datasets/{job_uuid}/train.jsonl",
         **{"model_artifact": {"uri": f"{base}/models/llama3.2-tiny.tar"}, **changes},
     )
 
@@ -114,16 +178,15 @@ def test_accepted_request_answers_200_with_a_reply_event_the_broker_routes(pod):
     assert data["status"] == "scheduled"
 
 
-def test_broker_redelivery_gets_the_same_reply_and_no_second_job(pod):
+def test_broker_redelivery_gets_the_same_reply_and_no_second_run(pod, cluster):
     job_uuid = new_uuid()
-    data = request_data(job_uuid)
+    data = request_data(job_uuid, cluster.dataset_uri(job_uuid))
     first = deliver(pod, contract.JOB_REQUESTED, data, event_id="delivery-1")
     again = deliver(pod, contract.JOB_REQUESTED, data, event_id="delivery-1")
     assert (first.status_code, again.status_code) == (200, 200)
     assert again.headers["ce-id"] == first.headers["ce-id"]
     assert again.content == first.content
-    jobs = requests.get(f"{pod.url}/jobs", timeout=TIMEOUT).json()["jobs"]
-    assert [j["job_uuid"] for j in jobs].count(job_uuid) == 1
+    assert len(cluster.runs_named(job_uuid)) == 1
 
 
 def test_structured_mode_is_accepted_too(pod):
@@ -138,32 +201,6 @@ def test_structured_mode_is_accepted_too(pod):
     response = requests.post(f"{pod.url}/", data=message.body, headers=headers, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     assert response.headers["ce-type"] == contract.JOB_SCHEDULED
-
-
-def test_emitted_events_reach_k_sink_and_only_the_completion_trigger_matches_them(pod, sink):
-    job_uuid = new_uuid()
-    assert deliver(pod, contract.JOB_REQUESTED, request_data(job_uuid)).status_code == 200
-
-    def of_job() -> list[tuple[dict[str, str], bytes]]:
-        return [(h, b) for h, b in sink.received() if h.get("ce-subject") == job_uuid]
-
-    def terminal() -> bool:
-        return any(h["ce-type"] in contract.TERMINAL_TYPES for h, _ in of_job())
-
-    wait_for(terminal, 60, f"a terminal event for {job_uuid} at K_SINK")
-    triggers = {t.name: t.body["spec"] for t in m.find("Trigger")}
-    for headers, body in of_job():
-        event = contract.from_http(headers, body)
-        assert event.get_type() in contract.EMITTED_TYPES
-        assert headers[f"ce-{EXTENSION}"] == "loopback"
-        assert event.get_source() == m.config_map_data()["KFP_TRAINER_SOURCE"]
-        matching = [name for name, spec in triggers.items() if _matches(spec, headers)]
-        if event.get_type() in contract.TERMINAL_TYPES:
-            assert matching == ["kfp-trainer-completions"], (event.get_type(), matching)
-        else:
-            assert matching == [], f"{event.get_type()} would loop into {matching}"
-    status = requests.get(f"{pod.url}/jobs/{job_uuid}", timeout=TIMEOUT)
-    assert status.status_code == 200 and status.json()["status"] == "completed"
 
 
 def _matches(spec: dict[str, Any], headers: dict[str, str]) -> bool:
@@ -181,6 +218,50 @@ def _matches(spec: dict[str, Any], headers: dict[str, str]) -> bool:
     return exact(spec.get("filter", {}).get("attributes", {}))
 
 
+def _triggers_matching(headers: dict[str, str]) -> list[str]:
+    return [t.name for t in m.find("Trigger") if _matches(t.body["spec"], headers)]
+
+
+def test_a_runs_events_reach_k_sink_and_its_notice_is_answered_with_the_terminal_event(
+    pod, cluster, sink
+):
+    """The run posts job.started, job.progress and run.finished to K_SINK (the Broker); the
+    notice's Trigger delivers it to the handler, whose 200 reply is job.completed, which only
+    the completion Trigger takes. Nothing the handler emits loops back into it."""
+    job_uuid = new_uuid()
+    data = request_data(job_uuid, cluster.dataset_uri(job_uuid))
+    assert deliver(pod, contract.JOB_REQUESTED, data).status_code == 200
+
+    def of_job() -> list[tuple[dict[str, str], bytes]]:
+        return [(h, b) for h, b in sink.received() if h.get("ce-subject") == job_uuid]
+
+    def notice() -> list[tuple[dict[str, str], bytes]]:
+        return [(h, b) for h, b in of_job() if h["ce-type"] == contract.RUN_FINISHED]
+
+    (headers, body), *_ = wait_for(notice, 60, f"the run.finished notice of {job_uuid}")
+    assert _triggers_matching(headers) == ["kfp-trainer-run-finished"]
+    for seen, _ in of_job():
+        if seen["ce-type"] != contract.RUN_FINISHED:
+            assert seen["ce-type"] in (contract.JOB_STARTED, contract.JOB_PROGRESS)
+            assert seen["ce-source"] == m.config_map_data()["KFP_TRAINER_SOURCE"]
+            assert _triggers_matching(seen) == [], f"{seen['ce-type']} would loop"
+    # The Broker delivers the notice (as it came) to the handler; the answer is routed.
+    reply = requests.post(
+        f"{pod.url}/", data=body, headers={**headers, "Prefer": "reply"}, timeout=TIMEOUT
+    )
+    assert reply.status_code == 200, reply.text
+    event = contract.from_http(dict(reply.headers), reply.content)
+    assert event.get_type() == contract.JOB_COMPLETED
+    assert event.get_id() == contract.event_id(job_uuid, contract.JOB_COMPLETED)
+    assert reply.headers[f"ce-{EXTENSION}"] == "loopback"
+    reply_headers = {k.lower(): v for k, v in reply.headers.items()}
+    assert _triggers_matching(reply_headers) == ["kfp-trainer-completions"]
+    done = contract.event_data(event)
+    assert done["checkpoints"][0]["path"].startswith(f"s3://{cluster.bucket}/")
+    status = requests.get(f"{pod.url}/jobs/{job_uuid}", timeout=TIMEOUT)
+    assert status.status_code == 200 and status.json()["status"] == "completed"
+
+
 def test_reconcile_tick_as_pingsource_sends_it_is_taken(pod):
     (ping,) = m.find("PingSource")
     spec = ping.body["spec"]
@@ -193,17 +274,19 @@ def test_reconcile_tick_as_pingsource_sends_it_is_taken(pod):
     )
     assert response.status_code == 202, response.text
     assert "ce-type" not in response.headers, "a ping must not produce a routed reply"
+    assert set(response.json()) == {"reconciled", "emitted"}
 
 
-def test_run_finished_notice_is_taken_at_the_notify_url_path(pod):
-    job_uuid = new_uuid()
-    assert deliver(pod, contract.JOB_REQUESTED, request_data(job_uuid)).status_code == 200
-    path = requests.utils.urlparse(m.config_map_data()["KFP_TRAINER_NOTIFY_URL"]).path or "/"
-    event_id = f"{job_uuid}/run.finished"
-    headers = ce_headers(contract.RUN_FINISHED, event_id, source="kfp-pipeline", subject=job_uuid)
-    body = json.dumps({"job_uuid": job_uuid, "state": "SUCCEEDED", "error": None})
-    response = requests.post(f"{pod.url}{path}", data=body, headers=headers, timeout=TIMEOUT)
-    assert response.status_code == 202, response.text
+def test_kfp_down_is_a_retryable_503_and_the_pod_stays_ready(pod, cluster):
+    cluster.standin.stop()
+    try:
+        response = deliver(pod, contract.JOB_REQUESTED, request_data(new_uuid()))
+        assert response.status_code == 503, response.text
+        assert int(response.headers["Retry-After"]) >= 1
+        assert "ce-type" not in response.headers
+        assert requests.get(f"{pod.url}/readyz", timeout=TIMEOUT).status_code == 200
+    finally:
+        cluster.standin.start()
 
 
 # ------------------------------------------------------------------------------ refused
@@ -268,24 +351,24 @@ def test_same_job_uuid_with_other_content_is_refused_for_good(pod):
     assert "different content" in response.json()["message"]
 
 
-def test_unreachable_model_store_is_a_retryable_503(pod):
-    """No model_artifact: the handler looks the model up in S3, which does not answer."""
+def test_a_model_missing_from_the_model_store_is_refused_for_good(pod):
+    """No model_artifact: the handler looks the model up in S3, where no such model is."""
     job_uuid = new_uuid()
     data = request_data(job_uuid)
     del data["model_artifact"]
+    data["model"] = "Llama3.2-3B-Instruct"
     response = deliver(pod, contract.JOB_REQUESTED, data)
-    assert response.status_code == 503, response.text
-    assert int(response.headers["Retry-After"]) >= 1
-    assert "ce-type" not in response.headers
+    assert response.status_code == 400, response.text
+    assert "Llama3.2-3B-Instruct" in response.json()["message"]
     assert requests.get(f"{pod.url}/jobs/{job_uuid}", timeout=TIMEOUT).status_code == 404
 
 
 # ------------------------------------------------------------------------------ SIGTERM
 
 
-def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tmp_path, sink):
+def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tmp_path, cluster, sink):
     """Knative stops a pod with SIGTERM: gunicorn must stop taking work, finish what it has."""
-    pod = HandlerPod(tmp_path, overrides(sink))
+    pod = HandlerPod(tmp_path, cluster.overrides(sink))
     try:
         pod.wait_ready()
         job_uuid = new_uuid()
@@ -316,7 +399,6 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tmp_path, sink):
         assert response_headers["ce-subject"] == job_uuid
         code = pod.proc.wait(timeout=_graceful_timeout() + 10)
         assert code == 0, pod.log_tail()
-        assert "handler service stopped" in pod.log_tail()
     finally:
         pod.stop()
 

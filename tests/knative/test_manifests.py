@@ -38,9 +38,16 @@ KSVC_API = m.KSVC_API
 NOT_SET_REMOTELY = {
     "KFP_TRAINER_SINK": "K_SINK from the SinkBinding takes its place",
     "K_CE_OVERRIDES": "injected by the SinkBinding only when it sets ceOverrides (none needed)",
-    "KFP_TRAINER_DB": "defaults to <KFP_TRAINER_STATE_DIR>/handler.sqlite3",
     "KFP_TRAINER_LOCAL_WORKERS": "local mode only",
-    "KFP_TRAINER_BACKEND": "empty: KFP_TRAINER_MODE=remote picks the remote backend",
+    "KFP_TRAINER_BACKEND": "local mode only (remote mode runs every job on KFP)",
+    # Remote mode keeps no store: nothing of local mode's SQLite store and outbox applies.
+    "KFP_TRAINER_STATE_DIR": "local mode's store only",
+    "KFP_TRAINER_DB": "local mode's store only",
+    "KFP_TRAINER_DB_SYNC": "local mode's store only",
+    "KFP_TRAINER_DB_BUSY_TIMEOUT_S": "local mode's store only",
+    "KFP_TRAINER_DELIVERY_ATTEMPTS": "local mode's outbox only (remote: the Broker retries)",
+    "KFP_TRAINER_DELIVERY_BACKOFF_S": "local mode's outbox only (remote: the Broker retries)",
+    "KFP_TRAINER_DELIVERY_BACKOFF_MAX_S": "local mode's outbox only (remote: the Broker retries)",
 }
 # Injected by Knative itself rather than by our manifests.
 INJECTED = {"K_SINK": "SinkBinding", "PORT": "Knative Serving (= containerPort)"}
@@ -374,14 +381,24 @@ def test_s3_secret_for_the_training_task_is_the_template():
     assert required == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 
-def test_notify_url_is_the_handlers_own_cluster_local_address():
-    url = urlsplit(_config_map_data()["KFP_TRAINER_NOTIFY_URL"])
-    assert url.scheme == "http"
-    assert url.hostname == f"{HANDLER}.{namespace()}.svc.cluster.local"
-    assert url.port is None, "the ksvc's cluster-local address listens on port 80"
+def test_runs_post_their_notice_to_the_broker_that_routes_it_to_the_handler():
+    """Empty KFP_TRAINER_NOTIFY_URL: K_SINK, the Broker; the run.finished Trigger takes it on."""
+    assert _config_map_data()["KFP_TRAINER_NOTIFY_URL"] == ""
+    settings = HandlerSettings.from_env(_deployed_env())
+    assert settings.sink.endswith(f"/{namespace()}/{BROKER}")
+    (trigger,) = [t for t in m.find("Trigger") if contract.RUN_FINISHED in _trigger_types(t)]
+    assert trigger.body["spec"]["subscriber"]["ref"]["name"] == HANDLER
     assert _config_map_data()["KFP_NAMESPACE"] == namespace()
     labels = handler_service().body["metadata"]["labels"]
     assert labels.get("networking.knative.dev/visibility") == "cluster-local"
+
+
+def test_reconcile_period_is_the_pingsources():
+    (ping,) = m.find("PingSource")
+    minute, *rest = ping.body["spec"]["schedule"].split()
+    assert rest == ["*", "*", "*", "*"] and minute.startswith("*/"), "every N minutes"
+    period_s = int(minute.removeprefix("*/")) * 60
+    assert float(_config_map_data()["KFP_TRAINER_RECONCILE_PERIOD_S"]) == period_s
 
 
 def test_handler_runs_remote_mode_under_its_service_account():
@@ -393,12 +410,12 @@ def test_handler_runs_remote_mode_under_its_service_account():
 # ------------------------------------------------------------------------------ scaling, resources
 
 
-def test_scale_bounds_resources_and_non_root():
+def test_scales_to_zero_and_out_with_max_scale_a_setting_resources_and_non_root():
     template = handler_service().body["spec"]["template"]
     annotations = template["metadata"]["annotations"]
-    low = int(annotations["autoscaling.knative.dev/min-scale"])
-    high = int(annotations["autoscaling.knative.dev/max-scale"])
-    assert 1 <= low <= high, "min-scale >= 1: the outbox and dispatcher run between requests"
+    assert "autoscaling.knative.dev/min-scale" not in annotations, "no pin: it scales to zero"
+    assert "autoscaling.knative.dev/initial-scale" not in annotations
+    assert int(annotations["autoscaling.knative.dev/max-scale"]) > 1, "a ceiling, not a pin"
     assert template["spec"]["containerConcurrency"] >= 1
     resources = handler_container()["resources"]
     assert resources["requests"]["memory"] and resources["limits"]["memory"]

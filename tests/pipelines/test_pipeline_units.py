@@ -892,3 +892,41 @@ def test_recipe_options_train(
     )
     assert adapter["use_dora"] is bool(algo.get("use_dora"))
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8.0
+
+
+def test_task_events_are_throttled_the_last_step_is_sent_and_ids_follow_the_contract(tmp_path):
+    """The train task's own events (remote): job.started once, job.progress at most once per
+    interval with the newest step winning, the last step sent on close, progress.json kept."""
+    from handler import contract
+    from pipelines.task_events import TaskEvents, TaskEventsConfig
+    from tests.support.sink import Sink
+
+    with Sink() as sink:
+        config = TaskEventsConfig(
+            url=sink.url,
+            source="/kfp-trainer/handler",
+            started_type=contract.JOB_STARTED,
+            started_id=contract.event_id("te-1", contract.JOB_STARTED),
+            progress_type=contract.JOB_PROGRESS,
+            progress_id_prefix=contract.event_id("te-1", contract.JOB_PROGRESS) + "/",
+            interval_s=0.5,
+            progress_uri=str(tmp_path / "progress.json"),
+        )
+        events = TaskEvents(TaskEventsConfig.from_json(config.to_json()), "te-1", "run-1")
+        events.started()
+        for step in range(1, 41):
+            events.progress({"step": step, "total_steps": 40, "epoch": 0, "loss": 1.0 / step})
+            time.sleep(0.02)
+        events.close()
+    types = [e["type"] for e in sink.events]
+    assert types[0] == contract.JOB_STARTED and types.count(contract.JOB_STARTED) == 1
+    progress = [e for e in sink.events if e["type"] == contract.JOB_PROGRESS]
+    assert 2 <= len(progress) <= 5, [e["id"] for e in progress]  # 0.8 s at one per 0.5 s
+    assert progress[-1]["id"] == contract.event_id("te-1", contract.JOB_PROGRESS, 40)
+    for event in sink.events:
+        contract.validate_data(event["type"], event["data"])
+        assert event["source"] == "/kfp-trainer/handler" and event["data"]["run_id"] == "run-1"
+    assert json.loads((tmp_path / "progress.json").read_text())["step"] == 40
+    assert TaskEventsConfig.from_json("") is None
+    with pytest.raises(ValueError, match="task_events parameter is not a TaskEventsConfig"):
+        TaskEventsConfig.from_json('{"url": "x"}')

@@ -102,10 +102,14 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
             return Scripted(400, b'{"error":"rejected","message":"model artifact not found"}')
         return Scripted(202)
 
+    outage: set[str] = set()  # jobs whose GET the handler answers 503 (KFP down)
+
     def handler_reply(request: Received) -> Scripted:
         if request.path == "/readyz":
             return Scripted(200, b"{}")
         job = request.path.rsplit("/", 1)[-1]
+        if job in outage:
+            return Scripted(503, b'{"error":"backend_unavailable","message":"retry later"}')
         if job in views:
             return Scripted(
                 200, json.dumps(views[job]).encode(), {"Content-Type": "application/json"}
@@ -210,12 +214,22 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
                 _fine_tune(client, "r-bad")
             assert "r-bad" not in [j.job_uuid for j in client.post_training.job.list()]
 
-            # 5. accepted by the broker, never known to the handler: failed, saying so
+            # 5. accepted by the broker, unknown to the handler (a 404, then a 503 outage):
+            # never ended on that alone; the status says so and moves on once the handler knows
             _fine_tune(client, "r-2")
             assert client.post_training.job.status(job_uuid="r-2").status == "scheduled"
-            lost = _wait(client, "r-2", "failed", timeout_s=20)
-            assert lost.status == "failed"
+            time.sleep(3.5)  # past lost_after_s
+            lost = client.post_training.job.status(job_uuid="r-2")
+            assert lost.status == "scheduled"
             assert "handler has no record of job 'r-2'" in lost.error
+            outage.add("r-2")
+            assert client.post_training.job.status(job_uuid="r-2").status == "scheduled"
+            outage.discard("r-2")
+            views["r-2"] = {"job_uuid": "r-2", "status": "in_progress"}
+            found = _wait(client, "r-2", "in_progress")
+            assert found.error is None, "the note goes once the handler knows the job"
+            views["r-2"] = {"job_uuid": "r-2", "status": "failed", "error": "real cause"}
+            assert _wait(client, "r-2", "failed").error == "real cause"
 
             # 6. the handler goes away: status still answers from the provider's own copy
             views["r-4"] = {"job_uuid": "r-4", "status": "scheduled"}
@@ -232,7 +246,7 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
         assert statuses == {
             "r-1": "completed",
             "r-3": "cancelled",
-            "r-2": "failed",
+            "r-2": "failed",  # from the handler's answer, not from a 404
             "r-4": "scheduled",
         }
         assert server.healthy()

@@ -109,15 +109,13 @@ def remote_setup(
     env = {
         **creds,
         "KFP_TRAINER_MODE": "remote",
-        "KFP_TRAINER_STATE_DIR": str(tmp / "state"),
         "KF_PIPELINES_SA_TOKEN_PATH": str(token_file),
         "S3_BUCKET": bucket,
         "S3_PREFIX": PREFIX,
         "KFP_TRAINER_CACHE_DIR": str(tmp / "model-cache"),
-        "KFP_TRAINER_DELIVERY_BACKOFF_S": "0.1",
-        "KFP_TRAINER_DELIVERY_BACKOFF_MAX_S": "1",
-        # A notice to a handler that is gone gives up soon (tests that need more say so).
-        "KFP_TRAINER_NOTIFY_WINDOW_S": "3",
+        "KFP_TRAINER_PROGRESS_INTERVAL_S": "0.5",
+        # A notice nobody takes gives up soon (tests that need more say so).
+        "KFP_TRAINER_NOTIFY_WINDOW_S": "30",
     }
     return remote, token_file, env
 

@@ -1,8 +1,9 @@
-"""Remote mode on loopback, every part real: moto S3, the KFP stand-in, gunicorn, a test sink.
+"""Remote mode on loopback, every part real: moto S3, the KFP stand-in, gunicorn, the Broker.
 
 The handler runs as ``gunicorn -c handler/gunicorn_conf.py 'handler:create_app()'`` with
-KFP_TRAINER_MODE=remote; its exit-handler notice URL is its own address, so the listening socket
-is bound first (port 0) and handed to gunicorn as ``fd://``.
+KFP_TRAINER_MODE=remote and K_SINK pointing at the Broker stand-in, which is where runs post
+their notices and progress; the listening socket is bound first (port 0) and handed to gunicorn
+as ``fd://``, so the Broker knows the handler's URL before it starts.
 """
 
 from __future__ import annotations
@@ -23,12 +24,7 @@ class RemoteHandler(GunicornProcess):
 
     def __init__(self, env: dict[str, str], log: Path, workers: int = 2, port: int = 0) -> None:
         super().__init__(log, ready_path="/healthz", own_session=True, port=port)
-        self.base = {
-            **os.environ,
-            "GUNICORN_WORKERS": str(workers),
-            "GUNICORN_THREADS": "4",
-            "KFP_TRAINER_NOTIFY_URL": self.url + "/",
-        }
+        self.base = {**os.environ, "GUNICORN_WORKERS": str(workers), "GUNICORN_THREADS": "4"}
         self.env = env
 
     def start(self, timeout: float = 90.0) -> RemoteHandler:

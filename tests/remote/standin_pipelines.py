@@ -28,6 +28,15 @@ def sleep_then_fail(seconds: float, fail: bool) -> None:
 
 
 @dsl.component(base_image="python:3.11")
+def say_why_and_fail(why: str) -> None:
+    """Fails the way the train task does: the cause in the termination message, then raise."""
+    from pipelines.termination import write_termination_message
+
+    write_termination_message(why)
+    raise RuntimeError(why)
+
+
+@dsl.component(base_image="python:3.11")
 def record_final(out: str, status: dsl.PipelineTaskFinalStatus) -> None:
     import pathlib
 
@@ -50,6 +59,12 @@ def exit_pipeline(final_out: str, seconds: float = 0.0, fail: bool = False):
     with dsl.ExitHandler(final):
         body = sleep_then_fail(seconds=seconds, fail=fail)
         body.set_caching_options(False)
+
+
+@dsl.pipeline(name="standin-why")
+def why_pipeline(why: str):
+    body = say_why_and_fail(why=why)
+    body.set_caching_options(False)
 
 
 @dsl.pipeline(name="standin-job")

@@ -150,6 +150,44 @@ def test_terminate_kills_the_execution(standin, tmp_path):
     assert err.value.status == 404
 
 
+def _task(client: kfp.Client, run_id: str, name: str):
+    run = client.get_run(run_id)
+    return next(t for t in run.run_details.task_details if t.display_name == name)
+
+
+def test_a_failed_task_reports_its_termination_message_as_its_error(standin, tmp_path):
+    """What Kubernetes does with /dev/termination-log: the failed task's error is the message."""
+    client = client_for(standin)
+    package = sp.compile_to(sp.why_pipeline, tmp_path / "why.yaml")
+    why = "S3 refused PUT s3://b/jobs/j/result.json: AccessDenied"
+    result = client.create_run_from_pipeline_package(
+        str(package), arguments={"why": why}, run_name="job-why"
+    )
+    terminal = ("SUCCEEDED", "FAILED")
+    wait_for(lambda: client.get_run(result.run_id).state in terminal, 120, "end", every=POLL_S)
+    assert client.get_run(result.run_id).state == "FAILED"
+    task = _task(client, result.run_id, "say-why-and-fail")
+    assert (task.state, task.error.message) == ("FAILED", why)
+
+
+def test_oom_kill_is_reported_as_kubernetes_reports_it(standin, tmp_path):
+    client = client_for(standin)
+    package = sp.compile_to(sp.exit_pipeline, tmp_path / "exit.yaml")
+    result = client.create_run_from_pipeline_package(
+        str(package),
+        arguments={"final_out": str(tmp_path / "final"), "seconds": 300.0},
+        run_name="job-oom",
+    )
+    standin.state.oom_kill(result.run_id, "exec-sleep-then-fail")
+    terminal = ("SUCCEEDED", "FAILED")
+    wait_for(lambda: client.get_run(result.run_id).state in terminal, 60, "end", every=POLL_S)
+    assert client.get_run(result.run_id).state == "FAILED"
+    task = _task(client, result.run_id, "sleep-then-fail")
+    assert (task.state, task.error.message) == ("FAILED", "OOMKilled (exit code 137)")
+    assert _task(client, result.run_id, "record-final").state == "SUCCEEDED"  # the exit task ran
+    assert (tmp_path / "final").read_text() == "FAILED"
+
+
 def test_bearer_token_checked_and_rotated(standin):
     client = client_for(standin)
     client.list_experiments()

@@ -1,25 +1,29 @@
-"""End to end, remote mode: curl -> handler (gunicorn) -> KFP stand-in trains -> S3 -> events.
+"""End to end, remote mode, with real training: curl -> Broker -> handler -> KFP -> S3 -> events.
 
-Nothing here polls the handler into completing a job: the remote backend has no poll interval,
-so a job.completed that arrives without a PingSource tick was caused by the pipeline's
-exit-handler notice.
+The KFP stand-in runs the project's pipeline for real (kfp.local, torchtune on the tiny model);
+the Broker stand-in routes by knative/triggers.yaml. Nothing polls: job.completed reaches the
+completion Trigger's subscriber because the exit task's run.finished went to the Broker, which
+delivered it to the handler, whose 200 reply the Broker routed on.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from handler import contract
 from handler.remote import s3
-from handler.settings import RemoteSettings
+from handler.remote.runs import KfpRuns
+from handler.settings import HandlerSettings, RemoteSettings
+from tests.broker_standin import BrokerStandin
 from tests.remote import fixtures as fx
 from tests.remote.conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 from tests.remote.remote_world import RemoteHandler
+from tests.support.http_client import ce_headers, curl, header_args
 from tests.support.loopback import wait_for
+from tests.support.s3 import RefusingS3
 from tests.support.sink import Sink
 
 TOKENS = ("e2e-token-first-0001", "e2e-token-second-0002", "e2e-token-third-0003")
@@ -33,10 +37,19 @@ class World:
         self.tmp = tmp
         self.remote = remote
         self.token_file = token_file
-        self.sink = Sink().__enter__()
+        self.display = Sink().__enter__()  # the completion Trigger's subscriber
+        self.dead = Sink().__enter__()
         self.standin = fx.standin_with_secrets(tmp / "standin", TOKENS[0]).start()
         self.handler: RemoteHandler | None = None
         self.handler_env: dict[str, str] = {}
+        self.broker = BrokerStandin(
+            {
+                "kfp-trainer-handler": lambda: [self.handler.url + "/"] if self.handler else [],
+                "kfp-trainer-event-display": self.display.url,
+                "kfp-trainer-dead-letters": self.dead.url,
+            },
+            time_scale=1 / 60,
+        ).__enter__()
 
     def runs_named(self, job_uuid: str) -> list[dict]:
         return fx.runs_named(self.standin, job_uuid)
@@ -47,16 +60,34 @@ class World:
             logs = [self.standin.state.run_log(r["run_id"])[-3000:] for r in runs]
             return (
                 f"; runs {[(r['run_id'], r['state']) for r in runs]}\nrun logs: {logs}\n"
+                f"dead letters: {self.broker.dead_letters}\n"
                 f"handler log tail:\n{self.handler.log_text()[-4000:] if self.handler else ''}"
             )
 
-        return fx.wait_event(self.sink, job_uuid, short_type, timeout, 0.5, diagnose)
+        return fx.wait_event(self.display, job_uuid, short_type, timeout, 0.5, diagnose)
+
+    def send(self, event_type: str, data: dict, event_id: str) -> int:
+        """What the provider does: POST the event to the Broker, with real curl."""
+        body = self.tmp / f"body-{event_id.replace('/', '_')}.json"
+        body.write_text(json.dumps(data))
+        headers = ce_headers(event_type, event_id, source="/tests/e2e", subject=data["job_uuid"])
+        status, _, _ = curl(
+            "-X", "POST", *header_args(headers), "--data-binary", f"@{body}", self.broker.url
+        )
+        return status
+
+    def request(self, job_uuid: str, **training) -> dict:
+        data = fx.remote_request(self.remote, job_uuid, self.tmp)
+        data["training_config"].update(training)
+        return data
 
     def close(self) -> None:
         if self.handler is not None:
             self.handler.stop()
+        self.broker.close()
         self.standin.close()
-        self.sink.__exit__(None, None, None)
+        self.display.__exit__(None, None, None)
+        self.dead.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +100,8 @@ def world(tmp_path_factory, moto_url):
         **base_env,
         "KFP_HOST": world.standin.url,
         "KFP_EXPERIMENT": "e2e",
-        # No KFP_TRAINER_MODEL_STORE: the remote backend's default (upload-model's place) serves.
-        "KFP_TRAINER_SINK": world.sink.url,
+        # No KFP_TRAINER_MODEL_STORE: remote mode's default (upload-model's place) serves.
+        "K_SINK": world.broker.url,
         "KFP_TRAINER_RETRY_AFTER_S": "3",
     }
     try:
@@ -82,25 +113,12 @@ def world(tmp_path_factory, moto_url):
         mp.undo()
 
 
-def job_request(world: World, job_uuid: str, **training) -> dict:
-    data = fx.remote_request(world.remote, job_uuid, world.tmp)
-    data["training_config"].update(training)
-    return data
-
-
-def test_curl_to_job_completed_via_exit_handler_notice(world):
-    data = job_request(world, "e2e-job-1")
-    status, headers, body = world.handler.request(data, world.tmp)
-    assert status == 200, body
-    assert headers["ce-type"] == contract.JOB_SCHEDULED
-    assert headers["ce-id"] == "e2e-job-1/job.scheduled"
-
-    # Knative redelivers: same answer, still one run.
-    again = world.handler.request(data, world.tmp)
-    assert again[0] == 200 and again[1]["ce-id"] == headers["ce-id"]
-
+def test_curl_to_job_completed_through_the_broker(world):
+    data = world.request("e2e-job-1")
+    assert world.send(contract.JOB_REQUESTED, data, "req-e2e-job-1") == 202
     completed = world.event("e2e-job-1", "job.completed")
     assert completed["id"] == "e2e-job-1/job.completed"
+    assert completed["source"] == "/kfp-trainer/handler"
     [run] = world.runs_named("e2e-job-1")
     assert "run-finished notice delivered" in world.standin.state.run_log(run["run_id"])
     checkpoints = completed["data"]["checkpoints"]
@@ -112,104 +130,79 @@ def test_curl_to_job_completed_via_exit_handler_notice(world):
     assert s3.job_prefix(world.remote, "e2e-job-1") + "result.json" in keys
     assert any("/checkpoints/" in k for k in keys)
 
-    status, job = world.handler.job("e2e-job-1")
-    assert status == 200 and job["status"] == "completed"
-    assert job["run_id"] == world.runs_named("e2e-job-1")[0]["run_id"]
+    # The train task told the Broker itself that it started and how it progressed.
+    started = [e for e in world.broker.of_type(contract.JOB_STARTED) if e["subject"] == "e2e-job-1"]
+    progress = [
+        e for e in world.broker.of_type(contract.JOB_PROGRESS) if e["subject"] == "e2e-job-1"
+    ]
+    assert started and started[0]["id"] == "e2e-job-1/job.started"
+    assert progress and progress[-1]["data"]["progress"]["total_steps"] == 2
+    for event in (*started, *progress):
+        contract.validate_data(event["type"], event["data"])
+        assert event["data"]["run_id"] == run["run_id"]
 
-    # Later ticks and a repeated notice change nothing: one terminal event per job.
-    assert world.handler.ping(world.tmp, 1)[0] == 202
-    notice = {"job_uuid": "e2e-job-1", "state": "SUCCEEDED"}
-    assert world.handler.post_event(contract.RUN_FINISHED, notice, "n-1", world.tmp)[0] == 202
-    assert world.handler.request(data, world.tmp)[0] == 200
-    time.sleep(2)
-    assert world.sink.types("e2e-job-1").count("job.completed") == 1
-    assert world.sink.types("e2e-job-1") == ["job.started", "job.completed"]
+    status, _, body = curl(world.handler.url + "/jobs/e2e-job-1")
+    assert status == 200 and json.loads(body)["status"] == "completed"
+    # A redelivered request and a repeated notice: the same answers, still one run.
+    assert world.send(contract.JOB_REQUESTED, data, "req-e2e-job-1") == 202
+    assert world.broker.wait_idle(60)
     assert len(world.runs_named("e2e-job-1")) == 1
+    assert world.broker.dead_letters == []
 
 
-def test_cancel_terminates_the_run_and_emits_job_cancelled(world):
-    data = job_request(world, "e2e-job-cancel", n_epochs=500, max_steps_per_epoch=4)
-    assert world.handler.request(data, world.tmp)[0] == 200
-    world.event("e2e-job-cancel", "job.started", timeout=120)
-    run = wait_for(
-        lambda: [r for r in world.runs_named("e2e-job-cancel") if r["state"] == "RUNNING"],
-        120,
-        "the KFP run to be RUNNING",
-    )[0]
-    status, _, body = world.handler.cancel("e2e-job-cancel", world.tmp)
-    assert status == 202, body
-    # KFP reports CANCELING at once, which is final for the job: no tick needed.
-    assert json.loads(body)["status"] == "cancelled"
-    assert world.standin.state.get_run(run["run_id"])["state"] in ("CANCELING", "CANCELED")
+def test_cancel_terminates_the_run_and_job_cancelled_is_routed(world):
+    data = world.request("e2e-job-cancel", n_epochs=500, max_steps_per_epoch=4)
+    assert world.send(contract.JOB_REQUESTED, data, "req-e2e-job-cancel") == 202
+    wait_for(
+        lambda: [
+            e
+            for e in world.broker.of_type(contract.JOB_PROGRESS)
+            if e["subject"] == "e2e-job-cancel"
+        ],
+        240,
+        "the training to progress",
+    )
+    [run] = world.runs_named("e2e-job-cancel")
+    assert world.send(contract.JOB_CANCEL_REQUESTED, {"job_uuid": "e2e-job-cancel"}, "c-1") == 202
     cancelled = world.event("e2e-job-cancel", "job.cancelled", timeout=60)
     assert cancelled["data"]["status"] == "cancelled"
     assert world.standin.state.wait_idle(60)
     assert world.standin.state.get_run(run["run_id"])["state"] == "CANCELED"
-    assert "job.completed" not in world.sink.types("e2e-job-cancel")
-    assert world.handler.job("e2e-job-cancel")[1]["status"] == "cancelled"
+    assert "job.completed" not in world.display.types("e2e-job-cancel")
 
 
-def test_another_replica_answers_job_status_from_kfp(world, tmp_path):
-    """A replica with its own (empty) store: GET /jobs/<id> answers from KFP and S3."""
-    other = RemoteHandler(
-        {**world.handler_env, "KFP_TRAINER_STATE_DIR": str(tmp_path / "other-state")},
-        tmp_path / "other.log",
-        workers=1,
-    ).start()
-    try:
-        status, job = other.job("e2e-job-1")
-        assert status == 200, job
-        assert job["status"] == "completed"
-        assert job["run_id"] == world.runs_named("e2e-job-1")[0]["run_id"]
-        assert job["checkpoints"][0]["path"].startswith("s3://")
-        assert other.job("e2e-job-cancel")[1]["status"] == "cancelled"
-        assert other.job("never-requested")[0] == 404
-    finally:
-        other.stop()
+def test_an_oom_killed_train_task_is_job_failed_naming_the_kill(world):
+    """Defect 7 (and 1): the kernel kills the train process; the notice arrives while KFP
+    still says RUNNING and no result.json exists; job.failed says what happened and what to do."""
+    data = world.request("e2e-job-oom", n_epochs=500, max_steps_per_epoch=4)
+    assert world.send(contract.JOB_REQUESTED, data, "req-e2e-job-oom") == 202
+    wait_for(lambda: world.runs_named("e2e-job-oom"), 60, "the run")
+    [run] = world.runs_named("e2e-job-oom")
+    world.standin.state.oom_kill(run["run_id"], timeout=120)
+    failed = world.event("e2e-job-oom", "job.failed", timeout=120)
+    error = failed["data"]["error"]
+    assert error.startswith("the train task failed: OOMKilled (exit code 137)"), error
+    assert "KFP_TRAINER_MEMORY_LIMIT" in error
+    assert "Inner task failed" not in error
+    status, _, body = curl(world.handler.url + "/jobs/e2e-job-oom")
+    assert status == 200 and json.loads(body)["error"] == error
 
 
-def test_kfp_down_answers_503_then_succeeds_once_back(world):
-    data = job_request(world, "e2e-job-down")
-    world.standin.stop()
-    try:
-        status, headers, body = world.handler.request(data, world.tmp)
-        assert status == 503, body
-        assert headers["retry-after"] == "3"
-        assert json.loads(body)["error"] in ("unavailable", "backend_unavailable")
-        assert world.handler.job("e2e-job-down")[0] == 404  # nothing half-stored
-    finally:
-        world.standin.start()
-    status, headers, _ = world.handler.request(data, world.tmp)  # Knative's retry
-    assert status == 200 and headers["ce-type"] == contract.JOB_SCHEDULED
-    world.event("e2e-job-down", "job.completed")
-    assert len(world.runs_named("e2e-job-down")) == 1
-
-
-def test_401_rebuilds_with_fresh_token_and_a_wrong_one_is_a_clear_503(world):
-    # The projected service-account token rotates: KFP accepts only the new one.
-    world.standin.set_token(TOKENS[1])
-    world.token_file.write_text(TOKENS[1])
-    data = job_request(world, "e2e-job-rotated")
-    status, _, body = world.handler.request(data, world.tmp)
-    assert status == 200, body
-    world.event("e2e-job-rotated", "job.completed")
-    assert "rebuilding the client with a fresh one" in world.handler.log_text()
-
-    # KFP now wants a token the file does not have: a clear error, a 503, nothing lost.
-    world.standin.set_token(TOKENS[2])
-    data = job_request(world, "e2e-job-badtoken")
-    status, _, body = world.handler.request(data, world.tmp)
-    assert status == 503, body
-    problems = [
-        r
-        for r in world.handler.log_lines()
-        if "rejected the token from service-account token file" in json.dumps(r)
-    ]
-    assert problems, world.handler.log_text()[-3000:]
-    assert "fix the credentials" in json.dumps(problems[-1])
-    world.token_file.write_text(TOKENS[2])  # the operator fixes the Secret
-    assert world.handler.request(data, world.tmp)[0] == 200
-    world.event("e2e-job-badtoken", "job.completed")
+def test_s3_refusing_the_train_tasks_writes_is_job_failed_naming_the_refusal(world, moto_url):
+    """Defect 7: the task cannot write result.json either; the cause still gets out, through
+    the container's termination message, which KFP reports as the task's error."""
+    with RefusingS3(moto_url, refuse="/jobs/") as refusing:
+        settings = HandlerSettings.from_env({**world.handler_env, "S3_ENDPOINT_URL": refusing.url})
+        runs = KfpRuns(settings)  # a handler whose runs' tasks write through the refusing S3
+        request = world.request("e2e-job-refused")
+        request["model_artifact"] = {"uri": s3.model_store(world.remote) + "/llama3.2-tiny.tar"}
+        runs.create(request, "d")
+        failed = world.event("e2e-job-refused", "job.failed")
+        assert refusing.refused, "the task's writes went through the refusing endpoint"
+    error = failed["data"]["error"]
+    assert error.startswith("the train task failed: "), error
+    assert "AccessDenied" in error and "/jobs/e2e-job-refused/" in error
+    assert "Inner task failed" not in error
 
 
 def test_provider_status_turns_completed_through_llama_stack(world, tmp_path):
@@ -221,7 +214,7 @@ def test_provider_status_turns_completed_through_llama_stack(world, tmp_path):
         {
             "KFP_TRAINER_MODE": "remote",
             "KFP_TRAINER_STATE_DIR": str(tmp_path / "stack-state"),
-            "KFP_TRAINER_BROKER_URL": world.handler.url + "/",
+            "KFP_TRAINER_BROKER_URL": world.broker.url,
             "KFP_TRAINER_HANDLER_URL": world.handler.url,
             "KFP_TRAINER_STATUS_REFRESH_S": "0.5",
             "S3_ENDPOINT_URL": world.remote.s3_endpoint_url,
@@ -245,13 +238,13 @@ def test_provider_status_turns_completed_through_llama_stack(world, tmp_path):
             source={"type": "rows", "rows": rows},
             dataset_id="remote-rows",
         )
-        training = job_request(world, "unused")["training_config"]
+        training = world.request("unused")["training_config"]
         training["data_config"]["dataset_id"] = "remote-rows"
         client.post_training.supervised_fine_tune(
             job_uuid="e2e-provider-1",
             model="llama3.2-tiny",
             training_config=training,
-            algorithm_config=job_request(world, "unused")["algorithm_config"],
+            algorithm_config=world.request("unused")["algorithm_config"],
             hyperparam_search_config={},
             logger_config={},
         )
@@ -280,9 +273,10 @@ def test_no_secret_value_in_ir_logs_or_events(world):
     secrets = (FAKE_SECRET_KEY, FAKE_ACCESS_KEY, *TOKENS)
     runs = world.standin.state.list_runs({}).get("runs", [])
     assert runs
-    sink_raw = "".join(h.__repr__() + b.decode() for h, b in world.sink.raw)
+    sink_raw = "".join(h.__repr__() + b.decode() for h, b in world.display.raw)
+    sink_raw += json.dumps(world.broker.ingested)
     handler_log = world.handler.log_text()
-    assert "job ended" in handler_log  # the log is the real one
+    assert "job scheduled" in handler_log  # the log is the real one
     for run in runs:
         submitted = json.dumps([run["pipeline_spec"], run["runtime_config"]])
         run_log = world.standin.state.run_log(run["run_id"])

@@ -103,3 +103,53 @@ def boto_client(endpoint: str, attempts: int = 2) -> Any:
             read_timeout=5,
         ),
     )
+
+
+class RefusingS3(LoopbackHTTPServer):
+    """An S3 endpoint in front of ``upstream`` (moto) that refuses writes to keys containing
+    ``refuse`` with ``403 AccessDenied`` and passes everything else through: a bucket policy
+    that lets a task read its inputs but not write its results."""
+
+    def __init__(self, upstream: str, refuse: str) -> None:
+        import requests
+
+        self.refused: list[str] = []
+        outer = self
+        body = (
+            b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+            b"<Message>Access Denied by the test's bucket policy</Message>"
+            b"<RequestId>test</RequestId></Error>"
+        )
+        session = requests.Session()
+
+        class Handler(QuietHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                data = self.read_body()
+                writing = self.command in ("PUT", "POST", "DELETE")
+                if writing and refuse in self.path:
+                    outer.refused.append(f"{self.command} {self.path}")
+                    self.send_response(403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                answer = session.request(
+                    self.command, upstream + self.path, headers=headers, data=data, timeout=60
+                )
+                self.send_response(answer.status_code)
+                for key, value in answer.headers.items():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                content = b"" if self.command == "HEAD" else answer.content
+                length = answer.headers.get("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+        super().__init__(Handler)
