@@ -43,7 +43,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ONE_B = "Llama3.2-1B-Instruct"
+from bench.synthetic import ONE_B, write_synthetic_1b  # noqa: E402
+
 TINY = "llama3.2-tiny"
 
 
@@ -167,46 +168,6 @@ def _run_child(op: str, model: str, model_dir: Path, out: Path) -> dict[str, Any
         raise RuntimeError(f"{op} on {model_dir}: {proc.stderr[-2000:]}")
     shutil.rmtree(out, ignore_errors=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def write_synthetic_1b(root: Path) -> dict[str, Path]:
-    """Llama3.2-1B-Instruct's shapes with random bf16 weights, in both layouts."""
-    import llama_stack.models.llama.llama3 as llama3
-    import torch
-    from torchtune.models.convert_weights import tune_to_meta
-
-    from pipelines import hf_tokenizer, layouts
-    from pipelines.checkpoints import write_huggingface
-    from pipelines.modeling import BaseCheckpoint, build_model, open_base
-    from pipelines.models import lookup
-
-    spec = lookup(ONE_B)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in build_model(spec).state_dict().items()}
-    generator = torch.Generator().manual_seed(0)
-    state = {
-        k: (
-            torch.ones(shape, dtype=torch.bfloat16)
-            if "norm" in k
-            else torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
-        )
-        for k, shape in shapes.items()
-    }
-    meta_dir = root / "1b-meta"
-    meta_dir.mkdir(parents=True)
-    meta = tune_to_meta(state)
-    meta["output.weight"] = meta["tok_embeddings.weight"]
-    torch.save(meta, meta_dir / layouts.META_WEIGHTS)
-    (meta_dir / layouts.PARAMS).write_text(json.dumps(spec.arch.params_json()))
-    shutil.copy(Path(llama3.__file__).parent / "tokenizer.model", meta_dir / "tokenizer.model")
-    del meta
-    base: BaseCheckpoint = open_base(meta_dir, spec)
-    base.dtype = torch.bfloat16
-    hf_dir = root / "1b-hf"
-    hf_dir.mkdir()
-    write_huggingface(state, base, hf_dir)
-    assert hf_tokenizer.ranks_from_tokenizer_json(hf_dir / "tokenizer.json") == base.ranks
-    return {"meta": meta_dir, "huggingface": hf_dir}
 
 
 ROWS = (
