@@ -141,8 +141,11 @@ def create_floor_app() -> Any:
 
     def receive() -> tuple[str, int]:
         message = HTTPMessage(dict(request.headers.items()), request.get_data())
-        event = ingress.decode(message, max_body_bytes=1024 * 1024)
-        admission.check(event.data)
+        try:
+            event = ingress.decode(message, max_body_bytes=1024 * 1024)
+            admission.check(event.data)
+        except ValueError as exc:  # the handler's BadRequest and ContractError are ValueErrors
+            return str(exc), 400
         connection().execute(
             "INSERT INTO jobs VALUES (?, ?) ON CONFLICT DO NOTHING",
             (event.data["job_uuid"], json.dumps(event.data)),
@@ -153,8 +156,16 @@ def create_floor_app() -> Any:
 
 
 def _request_body(job_uuid: str, dataset: str) -> bytes:
-    """The tests' job.requested payload (tests/support/jobs.py), as the load generator sends it."""
-    return json.dumps(job_request(job_uuid, dataset)).encode()
+    """The tests' job.requested payload (tests/support/jobs.py), as the load generator sends it.
+
+    ``dataset`` may be ``<dataset uri> <model uri>``: the request then names its model artifact
+    (remote mode: nothing to look up in the model store).
+    """
+    dataset, _, model = dataset.partition(" ")
+    data = job_request(job_uuid, dataset)
+    if model:
+        data["model_artifact"] = {"uri": model}
+    return json.dumps(data).encode()
 
 
 class Server:
@@ -420,6 +431,7 @@ def local_part(args: argparse.Namespace, procs: int, threads: int) -> None:
             "KFP_TRAINER_BACKEND": args.backend,
             "KFP_TRAINER_STATE_DIR": str(base / "state"),
             "KFP_TRAINER_MODEL_STORE": str(base / "models"),
+            "KFP_TRAINER_DATA_ROOTS": str(base),  # the dataset lies outside the state dir
             "KFP_TRAINER_SINK": "",
             "K_SINK": "",
             **dict(item.split("=", 1) for item in args.env),
@@ -551,7 +563,7 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp:
         base = Path(tmp)
-        dataset = "s3://bench/pt/datasets/train.jsonl"
+        dataset = "s3://bench/pt/datasets/train.jsonl s3://bench/pt/models/llama3.2-tiny.tar"
         for replicas in (1, 3):
             with KfpStandin(
                 token=None, work_dir=base / f"kfp-{replicas}", simulate=Simulation(train_s=None)

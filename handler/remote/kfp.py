@@ -24,6 +24,7 @@ from handler import logs, metrics
 from handler.backends.base import BackendUnavailable
 from handler.remote.auth import Token, TokenError, read_token
 from handler.remote.discovery import discover_host
+from handler.remote.records import Run
 from handler.settings import RemoteSettings
 
 log = logs.get("handler.remote.kfp")
@@ -252,20 +253,21 @@ class KfpClient:
         experiments = reply.experiments or []
         return experiments[0].experiment_id if experiments else None
 
-    def runs_named(self, experiment_id: str, display_name: str) -> list[Any]:
+    def runs_named(self, experiment_id: str, display_name: str) -> list[Run]:
         """Every run called ``display_name`` in the experiment, oldest first."""
         reply = self.call(
             f"list runs named {display_name!r}",
-            lambda a: a.runs.run_service_list_runs(
-                experiment_id=experiment_id,
-                filter=_filter_equals("display_name", display_name),
-                page_size=100,
-                _request_timeout=self._timeout_s,
+            lambda a: _json(
+                a.runs.run_service_list_runs(
+                    experiment_id=experiment_id,
+                    filter=_filter_equals("display_name", display_name),
+                    page_size=100,
+                    _request_timeout=self._timeout_s,
+                    _preload_content=False,
+                )
             ),
         )
-        runs = list(reply.runs or [])
-        runs.sort(key=lambda r: (str(r.created_at or ""), r.run_id or ""))
-        return runs
+        return _oldest_first([Run.parse(r) for r in reply.get("runs") or []])
 
     def runs_in_states(
         self,
@@ -290,23 +292,26 @@ class KfpClient:
                 {"operation": "GREATER_THAN_EQUALS", "key": "finished_at", "timestampValue": moment}
             )
         flt = json.dumps({"predicates": predicates})
-        runs: list[Any] = []
+        runs: list[Run] = []
         token = ""
         for _ in range(max_pages):
             kwargs: dict[str, Any] = {"page_token": token} if token else {}
             reply = self.call(
                 f"list runs in states {','.join(states)}",
-                lambda a, kwargs=kwargs: a.runs.run_service_list_runs(
-                    experiment_id=experiment_id,
-                    filter=flt,
-                    page_size=page_size,
-                    sort_by="created_at",
-                    _request_timeout=self._timeout_s,
-                    **kwargs,
+                lambda a, kwargs=kwargs: _json(
+                    a.runs.run_service_list_runs(
+                        experiment_id=experiment_id,
+                        filter=flt,
+                        page_size=page_size,
+                        sort_by="created_at",
+                        _request_timeout=self._timeout_s,
+                        _preload_content=False,
+                        **kwargs,
+                    )
                 ),
             )
-            runs.extend(reply.runs or [])
-            token = reply.next_page_token or ""
+            runs.extend(Run.parse(r) for r in reply.get("runs") or [])
+            token = reply.get("next_page_token") or ""
             if not token:
                 break
         else:
@@ -314,23 +319,26 @@ class KfpClient:
                 "more runs than one listing reads; the newest were not read",
                 extra={"experiment_id": experiment_id, "read": len(runs)},
             )
-        runs.sort(key=lambda r: (str(r.created_at or ""), r.run_id or ""))
-        return runs
+        return _oldest_first(runs)
 
-    def runs_page(self, experiment_id: str, token: str, size: int) -> tuple[list[Any], str]:
+    def runs_page(self, experiment_id: str, token: str, size: int) -> tuple[list[Run], str]:
         """One page of the experiment's runs, newest first, and the next page's token."""
         kwargs: dict[str, Any] = {"page_token": token} if token else {}
         reply = self.call(
             "list runs",
-            lambda a: a.runs.run_service_list_runs(
-                experiment_id=experiment_id,
-                page_size=size,
-                sort_by="created_at desc",
-                _request_timeout=self._timeout_s,
-                **kwargs,
+            lambda a: _json(
+                a.runs.run_service_list_runs(
+                    experiment_id=experiment_id,
+                    page_size=size,
+                    sort_by="created_at desc",
+                    _request_timeout=self._timeout_s,
+                    _preload_content=False,
+                    **kwargs,
+                )
             ),
         )
-        return list(reply.runs or []), reply.next_page_token or ""
+        runs = [Run.parse(r) for r in reply.get("runs") or []]
+        return runs, reply.get("next_page_token") or ""
 
     def create_run(
         self,
@@ -338,24 +346,34 @@ class KfpClient:
         display_name: str,
         pipeline_spec: dict[str, Any],
         parameters: dict[str, Any],
-    ) -> Any:
-        import kfp_server_api
-
-        body = kfp_server_api.V2beta1Run(
-            experiment_id=experiment_id,
-            display_name=display_name,
-            pipeline_spec=pipeline_spec,
-            runtime_config=kfp_server_api.V2beta1RuntimeConfig(parameters=parameters),
+    ) -> Run:
+        body = {  # V2beta1Run as the API reads it (no generated models: see records.py)
+            "experiment_id": experiment_id,
+            "display_name": display_name,
+            "pipeline_spec": pipeline_spec,
+            "runtime_config": {"parameters": parameters},
+        }
+        return Run.parse(
+            self.call(
+                f"create run {display_name!r}",
+                lambda a: _json(
+                    a.runs.run_service_create_run(
+                        body, _request_timeout=self._timeout_s, _preload_content=False
+                    )
+                ),
+            )
         )
-        return self.call(
-            f"create run {display_name!r}",
-            lambda a: a.runs.run_service_create_run(body, _request_timeout=self._timeout_s),
-        )
 
-    def get_run(self, run_id: str) -> Any:
-        return self.call(
-            f"get run {run_id}",
-            lambda a: a.runs.run_service_get_run(run_id, _request_timeout=self._timeout_s),
+    def get_run(self, run_id: str) -> Run:
+        return Run.parse(
+            self.call(
+                f"get run {run_id}",
+                lambda a: _json(
+                    a.runs.run_service_get_run(
+                        run_id, _request_timeout=self._timeout_s, _preload_content=False
+                    )
+                ),
+            )
         )
 
     def terminate_run(self, run_id: str) -> None:
@@ -375,6 +393,19 @@ class KfpClient:
             if self._apis is not None:
                 _close(self._apis)
                 self._apis = None
+
+
+def _json(response: Any) -> dict[str, Any]:
+    """The body of a raw (``_preload_content=False``) answer, as JSON."""
+    try:
+        value = json.loads(response.data or b"{}")
+    finally:
+        response.release_conn()
+    return value if isinstance(value, dict) else {}
+
+
+def _oldest_first(runs: list[Run]) -> list[Run]:
+    return sorted(runs, key=lambda r: (str(r.created_at or ""), r.run_id))
 
 
 def _operation(what: str) -> str:

@@ -174,8 +174,12 @@ class KfpRuns:
             self._delete_younger(job_uuid, runs)
         return runs[0] if runs else None
 
-    def create(self, request: dict[str, Any], digest: str) -> tuple[Any, bool]:
+    def create(
+        self, request: dict[str, Any], digest: str, *, look_first: bool = True
+    ) -> tuple[Any, bool]:
         """The job's run, created now unless it exists: (run, whether this call created it).
+
+        ``look_first=False``: the caller has just found none (one KFP call saved).
 
         :raises BackendRejected: the request cannot become a run (names why).
         :raises BackendUnavailable: KFP cannot be reached; nothing was created, or a run was
@@ -183,7 +187,7 @@ class KfpRuns:
         """
         self.check(request)
         job_uuid = request["job_uuid"]
-        existing = self.find(job_uuid)
+        existing = self.find(job_uuid) if look_first else None
         if existing is not None:
             return existing, False
         try:

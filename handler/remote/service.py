@@ -78,7 +78,7 @@ class RemoteService:
             request = self.admission.resolve(data)
             if trace := tracing.carrier():  # the run's tasks continue this trace
                 request = {**request, TRACE_FIELD: trace}
-            run, created = self.runs.create(request, digest)
+            run, created = self.runs.create(request, digest, look_first=False)
             if created:
                 metrics.JOBS_SUBMITTED.inc()
                 log.info("job scheduled", extra={"job_uuid": job_uuid, "run_id": run.run_id})
