@@ -37,7 +37,7 @@ class Outbox:
         self.owner = owner
         self._subscribers: list[Subscriber] = []
         self._lock = threading.Lock()
-        self._sink = SinkClient(settings.sink)
+        self._sink = SinkClient(settings.sink, settings.sink_token_path)
 
     def subscribe(self, callback: Subscriber) -> None:
         with self._lock:

@@ -212,6 +212,9 @@ class HandlerSettings:
     db_path: Path | None = None  # KFP_TRAINER_DB; default <state_dir>/handler.sqlite3
     source: str = "/kfp-trainer/handler"  # KFP_TRAINER_SOURCE: ce-source of emitted events
     sink: str = ""  # K_SINK (Knative SinkBinding) or KFP_TRAINER_SINK
+    # KFP_TRAINER_SINK_TOKEN_PATH: a bearer token for the sink, sent when the file exists (the
+    # SinkBinding mounts one at /oidc/token, for the Broker's audience, when OIDC is on).
+    sink_token_path: str = "/oidc/token"
     ce_overrides: dict[str, str] = field(default_factory=dict)  # K_CE_OVERRIDES extensions
     max_body_bytes: int = 1024 * 1024  # KFP_TRAINER_MAX_BODY_BYTES
     local_workers: int = 1  # KFP_TRAINER_LOCAL_WORKERS: jobs trained at once (local mode)
@@ -284,6 +287,7 @@ class HandlerSettings:
             db_path=Path(db) if db else None,
             source=env.get("KFP_TRAINER_SOURCE", "") or cls.source,
             sink=env.get("K_SINK", "") or env.get("KFP_TRAINER_SINK", ""),
+            sink_token_path=env.get("KFP_TRAINER_SINK_TOKEN_PATH", "") or cls.sink_token_path,
             ce_overrides=overrides,
             max_body_bytes=env_int(env, "KFP_TRAINER_MAX_BODY_BYTES", cls.max_body_bytes, 1),
             local_workers=env_int(env, "KFP_TRAINER_LOCAL_WORKERS", cls.local_workers, 1),
@@ -323,6 +327,7 @@ ENV_VARS = (
     "KFP_TRAINER_DB",
     "KFP_TRAINER_SOURCE",
     "K_SINK",
+    "KFP_TRAINER_SINK_TOKEN_PATH",
     "KFP_TRAINER_SINK",
     "K_CE_OVERRIDES",
     "KFP_TRAINER_MAX_BODY_BYTES",

@@ -29,6 +29,7 @@ def train(
     tracestate: str = "",
     run_id: str = "",
     task_events: str = "",
+    token_audience: str = "",
 ):
     """LoRA fine-tuning with torchtune; the output model's metadata is the RunResult, the
     metrics (loss, tokens/s, memory per epoch) are what the KFP UI shows for the run."""
@@ -48,6 +49,7 @@ def train(
         trace={"traceparent": traceparent, "tracestate": tracestate},
         run_id=run_id,
         task_events=task_events,
+        token_audience=token_audience,
     )
     model.metadata.update(result)
     for name, value in training_metrics(result).items():
@@ -63,6 +65,7 @@ def notify(
     notify_window_s: float,
     traceparent: str = "",
     tracestate: str = "",
+    token_audience: str = "",
 ):
     """Exit task: POST a run-finished CloudEvent (when notify_url is set), whatever happened."""
     from pipelines.notify import post_run_finished
@@ -76,6 +79,7 @@ def notify(
         status.error_message or None,
         window_s=notify_window_s,
         trace={"traceparent": traceparent, "tracestate": tracestate},
+        token_audience=token_audience,
     )
 
 

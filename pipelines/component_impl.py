@@ -33,6 +33,7 @@ from pipelines.data import DatasetError
 from pipelines.logs import event
 from pipelines.progress import ProgressReporter
 from pipelines.result import RunResult
+from pipelines.sa_token import bearer_for
 from pipelines.settings import SettingsError, TrainerSettings
 from pipelines.staging import StagingError, content_digest, stage_model
 from pipelines.task_events import TaskEvents, TaskEventsConfig
@@ -181,10 +182,12 @@ def run_train(
     trace: Mapping[str, str] | None = None,
     run_id: str = "",
     task_events: str = "",
+    token_audience: str = "",
 ) -> dict[str, Any]:
     """Run one job's training; return the RunResult dict (the output artifact's metadata).
 
     ``trace`` (traceparent, tracestate) is the job's trace context; the task's spans join it.
+    ``token_audience``: the events it posts carry a token for it (pipelines/sa_token.py).
 
     :raises TrainingFailed: after writing a failed result.json, naming the problem.
     """
@@ -206,6 +209,7 @@ def run_train(
                 artifact_path=artifact_path,
                 run_id=run_id,
                 task_events=task_events,
+                token_audience=token_audience,
             )
     finally:
         tracing.flush()
@@ -225,6 +229,7 @@ def _train(
     artifact_path: str,
     run_id: str,
     task_events: str,
+    token_audience: str,
 ) -> dict[str, Any]:
     artifact_dir = Path(artifact_path) if artifact_path else None
     scratch = Path(tempfile.mkdtemp(prefix=f"kfp-trainer-{job_uuid}-"))
@@ -233,7 +238,9 @@ def _train(
         trainer_settings = TrainerSettings.from_env()  # the task's own environment, read once
         events_config = TaskEventsConfig.from_json(task_events)
         if events_config is not None:
-            announcer = TaskEvents(events_config, job_uuid, run_id)
+            announcer = TaskEvents(
+                events_config, job_uuid, run_id, token=bearer_for(token_audience)
+            )
             announcer.started()
         request = json.loads(request_json)
         if request.get("job_uuid") != job_uuid:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from pipelines.logs import event
+from pipelines.sa_token import AudienceToken, TokenUnavailable, bearer_for
 from pipelines.settings import NOTIFY_WINDOW_S
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,14 @@ def post_run_finished(
     window_s: float = NOTIFY_WINDOW_S,
     timeout_s: float = 10.0,
     trace: Mapping[str, str] | None = None,
+    token_audience: str = "",
 ) -> bool:
     """POST the notice; True when the receiver accepted it (2xx). Never raises.
 
-    Retries what a receiver may take later (no answer, 404, 408, 409, 429, 5xx) until
-    ``window_s`` has passed; any other refusal is final. ``trace`` is the job's trace context:
-    a ``notify`` span continues it and the notice carries that span's.
+    Retries what a receiver may take later (no answer, 404, 408, 409, 429, 5xx, no token to be
+    had) until ``window_s`` has passed; any other refusal is final. ``trace`` is the job's trace
+    context: a ``notify`` span continues it and the notice carries that span's. With
+    ``token_audience`` each POST carries the pod's token for it (pipelines/sa_token.py).
     """
     from pipelines import logs, tracing
 
@@ -88,6 +91,7 @@ def post_run_finished(
                 window_s=window_s,
                 timeout_s=timeout_s,
                 trace=tracing.carrier(),
+                token=bearer_for(token_audience),
             )
     finally:
         tracing.flush()
@@ -104,6 +108,7 @@ def _post(
     window_s: float,
     timeout_s: float,
     trace: Mapping[str, str],
+    token: AudienceToken | None,
 ) -> bool:
     if not notify_url:
         event(log, "no notify_url; run-finished notice skipped", job_uuid=job_uuid, state=state)
@@ -118,7 +123,8 @@ def _post(
     while True:
         attempt += 1
         try:
-            resp = requests.post(notify_url, data=body, headers=hdrs, timeout=timeout_s)
+            auth = token.header() if token is not None else {}
+            resp = requests.post(notify_url, data=body, headers={**hdrs, **auth}, timeout=timeout_s)
             if resp.status_code < 300:
                 event(
                     log,
@@ -139,7 +145,7 @@ def _post(
             )
             if not retry:
                 return False
-        except requests.RequestException as exc:
+        except (requests.RequestException, TokenUnavailable) as exc:
             event(
                 log,
                 "run-finished notice not delivered",

@@ -10,7 +10,8 @@ never in the spec, so there is no row limit.
 
 ``pipeline_arguments`` turns a job request into the run's parameters; the same dict serves
 local runs and ``create_run_from_pipeline_package``. The job's trace context travels as the
-``traceparent``/``tracestate`` parameters, so both tasks continue the job's trace.
+``traceparent``/``tracestate`` parameters, so both tasks continue the job's trace. Both tasks
+present a bearer token for ``token_audience`` with what they post, when it is set.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's real types.
@@ -42,12 +43,14 @@ def pipeline_arguments(
     notify_window_s: float | None = None,
     request_digest: str = "",
     task_events: str = "",
+    token_audience: str = "",
 ) -> dict[str, Any]:
     """The run parameters for a job request (``model_artifact.uri`` must be resolved).
 
     ``request_digest`` (the job.requested content digest) rides along unused by the tasks: KFP
     keeps it with the run, so a redelivered request can be compared with the one that made
     it. ``task_events`` is the train task's pipelines.task_events.TaskEventsConfig as JSON.
+    ``token_audience`` overrides the compiled default (PipelineSettings.token_audience).
 
     :raises ValueError: naming a missing field.
     """
@@ -85,11 +88,25 @@ def pipeline_arguments(
     }
     if notify_window_s is not None:
         args["notify_window_s"] = float(notify_window_s)
+    if token_audience:
+        args["token_audience"] = token_audience
     if request.get("checkpoint_format"):
         args["checkpoint_format"] = request["checkpoint_format"]
     trace = request.get(TRACE_FIELD) or {}
     args.update({k: str(trace[k]) for k in TRACE_KEYS if trace.get(k)})
     return args
+
+
+def _pod_identity_env(task: Any) -> None:
+    """The pod's namespace and service account as env (the downward API): what the task needs
+    to ask the Kubernetes API for a token (pipelines/sa_token.py; kfp-kubernetes 2.17 cannot
+    mount a projected service-account token)."""
+    from kfp import kubernetes
+
+    from pipelines.sa_token import POD_NAMESPACE_ENV, POD_SERVICE_ACCOUNT_ENV
+
+    kubernetes.use_field_path_as_env(task, POD_NAMESPACE_ENV, "metadata.namespace")
+    kubernetes.use_field_path_as_env(task, POD_SERVICE_ACCOUNT_ENV, "spec.serviceAccountName")
 
 
 def _configure_train(task: Any, settings: PipelineSettings) -> None:
@@ -167,6 +184,7 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
         tracestate: str = "",
         request_digest: str = "",
         task_events: str = "",
+        token_audience: str = settings.token_audience,
     ) -> None:
         notify = notify_op(
             job_uuid=job_uuid,
@@ -176,8 +194,10 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             traceparent=traceparent,
             tracestate=tracestate,
+            token_audience=token_audience,
         ).set_caching_options(False)
         notify.set_display_name(NOTIFY_TASK)
+        _pod_identity_env(notify)
         if settings.image_pull_secrets:
             kubernetes.set_image_pull_secrets(notify, list(settings.image_pull_secrets))
         with dsl.ExitHandler(notify, name="finetune"):
@@ -201,8 +221,10 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
                 tracestate=tracestate,
                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 task_events=task_events,
+                token_audience=token_audience,
             )
             train.set_display_name(TRAIN_TASK)
+            _pod_identity_env(train)
             train.after(model, dataset)
             _configure_train(train, settings)
             with dsl.If(validation_dataset_uri != "", name="has-validation-dataset"):

@@ -11,6 +11,7 @@ namespace and service account name come from the downward API, which kfp-kuberne
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -120,12 +121,16 @@ def request_token(pod: PodIdentity, audience: str, timeout_s: float = 10.0) -> s
 
 
 class AudienceToken:
-    """The ``Authorization`` header for ``audience``: one token, asked for again before it ends."""
+    """The ``Authorization`` header for ``audience``: one token, asked for again before it ends.
+
+    ``pod`` defaults to this process's pod, read from the environment when the first header is
+    wanted, so a task that cannot get a token learns why where it would have sent one.
+    """
 
     def __init__(
         self,
         audience: str,
-        pod: PodIdentity,
+        pod: PodIdentity | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -136,12 +141,19 @@ class AudienceToken:
         self._renew_at = 0.0
 
     def header(self) -> dict[str, str]:
-        """:raises TokenUnavailable: as :func:`request_token`."""
+        """:raises TokenUnavailable: as :meth:`PodIdentity.from_env` and :func:`request_token`."""
         if not self._token or self._clock() >= self._renew_at:
+            if self._pod is None:
+                self._pod = PodIdentity.from_env(os.environ)
             asked = self._clock()
             self._token = request_token(self._pod, self.audience)
             self._renew_at = asked + EXPIRATION_S - RENEW_BEFORE_S
         return {"Authorization": f"Bearer {self._token}"}
+
+
+def bearer_for(audience: str) -> AudienceToken | None:
+    """The token holder a task's posts use for ``audience``; None when no audience is set."""
+    return AudienceToken(audience) if audience else None
 
 
 __all__ = [
@@ -150,5 +162,6 @@ __all__ = [
     "AudienceToken",
     "PodIdentity",
     "TokenUnavailable",
+    "bearer_for",
     "request_token",
 ]

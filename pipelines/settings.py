@@ -143,6 +143,10 @@ class PipelineSettings:
     s3_secret_name: str = "kfp-trainer-s3"  # KFP_TRAINER_S3_SECRET
     s3_endpoint_url: str = ""  # S3_ENDPOINT_URL, passed to the task (MinIO, Ceph); empty: AWS
     cache_dir: Path = DEFAULT_CACHE_DIR  # KFP_TRAINER_CACHE_DIR: extracted-model cache
+    # KFP_TRAINER_TOKEN_AUDIENCE: the tasks' posts (run.finished, job.started/progress) carry a
+    # bearer token for this audience (the Broker's with Knative's OIDC, or the handler's);
+    # empty: no token (pipelines/sa_token.py).
+    token_audience: str = ""
     trainer: TrainerSettings = field(default_factory=TrainerSettings)  # KFP_TRAINER_COMPILE, ...
 
     def __post_init__(self) -> None:
@@ -190,6 +194,7 @@ class PipelineSettings:
             s3_secret_name=env.get("KFP_TRAINER_S3_SECRET", "") or cls.s3_secret_name,
             s3_endpoint_url=env.get("S3_ENDPOINT_URL", ""),
             cache_dir=Path(cache).expanduser() if cache else DEFAULT_CACHE_DIR,
+            token_audience=env.get("KFP_TRAINER_TOKEN_AUDIENCE", "").strip(),
             trainer=TrainerSettings.from_env(env),
         )
 
@@ -210,6 +215,7 @@ ENV_VARS: Final = (
     "KFP_TRAINER_S3_SECRET",
     "S3_ENDPOINT_URL",
     "KFP_TRAINER_CACHE_DIR",
+    "KFP_TRAINER_TOKEN_AUDIENCE",
     "KFP_TRAINER_COMPILE",
     "KFP_TRAINER_MAX_GRAD_NORM",
 )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from pipelines.logs import event
+from pipelines.sa_token import AudienceToken, TokenUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,17 @@ class TaskEventsConfig:
 class TaskEvents:
     """The train task's announcer: ``started()``, ``progress(record)``, then ``close()``."""
 
-    def __init__(self, config: TaskEventsConfig, job_uuid: str, run_id: str) -> None:
+    def __init__(
+        self,
+        config: TaskEventsConfig,
+        job_uuid: str,
+        run_id: str,
+        *,
+        token: AudienceToken | None = None,
+    ) -> None:
+        """:param token: the bearer token every POST carries (None: no Authorization header)."""
         self.config = config
+        self._token = token
         self.job_uuid = job_uuid
         self.run_id = run_id
         self._cond = threading.Condition()
@@ -146,13 +156,17 @@ class TaskEvents:
         }
         for attempt in range(1, ATTEMPTS + 1):
             try:
+                auth = self._token.header() if self._token is not None else {}
                 resp = self._session.post(
-                    self.config.url, data=json.dumps(data), headers=headers, timeout=POST_TIMEOUT_S
+                    self.config.url,
+                    data=json.dumps(data),
+                    headers={**headers, **auth},
+                    timeout=POST_TIMEOUT_S,
                 )
                 if resp.status_code < 300:
                     return
                 problem = f"HTTP {resp.status_code}"
-            except requests.RequestException as exc:
+            except (requests.RequestException, TokenUnavailable) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             event(
                 log,

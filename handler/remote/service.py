@@ -46,7 +46,7 @@ class RemoteService:
         self.settings = settings
         self.runs = runs or KfpRuns(settings)
         self.admission = Admission(settings, default_model_store=s3.model_store(settings.remote))
-        self.sink = SinkClient(settings.sink) if settings.sink else None
+        self.sink = SinkClient(settings.sink, settings.sink_token_path) if settings.sink else None
 
     # -- the one inbound path -------------------------------------------------------------------
 

@@ -471,3 +471,26 @@ def test_the_policy_admits_each_list_for_its_action_only():
         policy.check(Caller("system:serviceaccount:a:r"), Action.READ)
     with pytest.raises(Forbidden):
         policy.check(Caller("system:serviceaccount:a:other"), None)
+
+
+def test_the_handler_sends_the_sinkbindings_token_to_the_broker(tmp_path):
+    """As a sender itself (outbox, reconcile tick), the handler presents the token the
+    SinkBinding mounts (KFP_TRAINER_SINK_TOKEN_PATH), read afresh for every event."""
+    from handler.sink import SinkClient
+
+    token = tmp_path / "oidc" / "token"
+    event = contract.make_event(
+        contract.JOB_STARTED, "/h", {"job_uuid": "s-1", "status": "in_progress"}
+    )
+    with Sink() as sink:
+        client = SinkClient(sink.url, str(token))
+        client.post(event)  # no file yet (OIDC off): no header
+        token.parent.mkdir()
+        token.write_text("for-the-broker-1\n")
+        client.post(event)
+        token.write_text("for-the-broker-2")  # renewed in place
+        client.post(event)
+        client.close()
+        sent = [headers.get("authorization") for headers, _ in sink.received()]
+    assert sent == [None, "Bearer for-the-broker-1", "Bearer for-the-broker-2"]
+    assert HandlerSettings.from_env({}).sink_token_path == "/oidc/token"

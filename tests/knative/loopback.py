@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from tests.knative import manifests as m
+from tests.knative.callers import Callers
 from tests.support.gunicorn import GunicornProcess
 from tests.support.http_client import parse_response
 
@@ -33,10 +34,12 @@ def handler_cmd() -> list[str]:
 
 
 class HandlerPod(GunicornProcess):
-    """gunicorn + the handler app in the deployed environment, on a loopback socket."""
+    """gunicorn + the handler app in the deployed environment, on a loopback socket;
+    ``callers`` (tests/knative/callers.py) holds the tokens the deployment's senders present."""
 
-    def __init__(self, work: Path, overrides: dict[str, str]) -> None:
+    def __init__(self, work: Path, overrides: dict[str, str], callers: Callers) -> None:
         super().__init__(work / "gunicorn.log", own_session=True)
+        self.callers = callers
         base = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("KFP_", "K_", "S3_"))},
             **m.deployed_env(),

@@ -145,3 +145,46 @@ def deployed_env() -> dict[str, str]:
     )
     env["PORT"] = str(container_port())
     return env
+
+
+# -- who calls the handler (Knative's authentication-oidc) ---------------------------------
+
+LONGEST_NAME = 63  # past it Knative hashes an account's name (kmeta.ChildName)
+
+
+def oidc_account(doc: Doc) -> tuple[str, str]:
+    """(namespace, name) of the service account Knative gives a Trigger or source for OIDC."""
+    group = doc.api_version.rpartition("/")[0]
+    name = f"{doc.name}-oidc-{group}-{doc.kind}".lower()
+    assert len(name) <= LONGEST_NAME, f"{doc.label}: Knative would hash its account name {name}"
+    return namespace(), name
+
+
+def handler_senders() -> list[tuple[Doc, dict[str, Any]]]:
+    """Every Trigger and source that delivers to the handler, with its destination."""
+    found = []
+    for doc in (*find("Trigger"), *find("PingSource")):
+        spec = doc.body["spec"]
+        destination = spec.get("subscriber") or spec["sink"]
+        if destination["ref"]["name"] == HANDLER:
+            found.append((doc, destination))
+    return found
+
+
+def trigger_types(trigger: Doc) -> list[str]:
+    """The exact `type` values a Trigger lets through (filter.attributes or filters/any/exact)."""
+    spec = trigger.body["spec"]
+    if "filters" in spec:
+        assert "filter" not in spec, f"{trigger.label}: `filters` silently overrides `filter`"
+        (expr,) = spec["filters"]
+        branches = expr.get("any", [expr])
+        assert branches, f"{trigger.label}: `any` must hold at least one expression"
+        types = []
+        for branch in branches:
+            assert set(branch) == {"exact"}, f"{trigger.label}: unexpected dialect {branch}"
+            assert set(branch["exact"]) == {"type"}, f"{trigger.label}: filter on type only"
+            types.append(branch["exact"]["type"])
+        return types
+    attributes = spec["filter"]["attributes"]
+    assert set(attributes) == {"type"}, f"{trigger.label}: filter on type only"
+    return [attributes["type"]]

@@ -22,6 +22,7 @@ import requests
 from handler import contract
 from tests.kfp_standin import KfpStandin, Simulation
 from tests.knative import manifests as m
+from tests.knative.callers import Callers
 from tests.knative.loopback import HandlerPod, raw_request, read_response
 from tests.support.http_client import ce_headers
 from tests.support.jobs import job_request, write_dataset
@@ -58,6 +59,8 @@ class Cluster:
         self.standin.set_secret(m.config_map_data()["KFP_TRAINER_S3_SECRET"], CREDENTIALS)
         self.standin.set_task_env({"S3_ENDPOINT_URL": moto_url})
         self.standin.start()
+        # Identity checks are on as deployed: the senders' tokens and the API that vouches.
+        self.callers = Callers(tmp)
 
     def overrides(self, sink: Sink) -> dict[str, str]:
         """What differs from knative/'s environment on loopback, and nothing more."""
@@ -70,6 +73,7 @@ class Cluster:
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_MAX_ATTEMPTS": "1",
             "KFP_TRAINER_NOTIFY_WINDOW_S": "5",
+            **self.callers.overrides(),
         }
 
     def dataset_uri(self, job_uuid: str) -> str:
@@ -103,6 +107,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             yield cluster
         finally:
             cluster.standin.close()
+            cluster.callers.close()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +120,7 @@ def sink() -> Iterator[Sink]:
 def pod(
     tmp_path_factory: pytest.TempPathFactory, cluster: Cluster, sink: Sink
 ) -> Iterator[HandlerPod]:
-    pod = HandlerPod(tmp_path_factory.mktemp("pod"), cluster.overrides(sink))
+    pod = HandlerPod(tmp_path_factory.mktemp("pod"), cluster.overrides(sink), cluster.callers)
     try:
         pod.wait_ready()
         yield pod
@@ -149,8 +154,10 @@ def broker_headers(event_type: str, event_id: str, **extra: str) -> dict[str, st
 
 
 def deliver(pod: HandlerPod, event_type: str, data: Any, **kw: Any) -> requests.Response:
+    """POST as the Broker's Trigger for ``event_type`` delivers it, with that Trigger's token."""
     event_id = kw.pop("event_id", f"{uuid.uuid4()}")
     headers = broker_headers(event_type, event_id, **kw.pop("headers", {}))
+    headers.update(pod.callers.for_event(event_type))
     if isinstance(data, dict) and "job_uuid" in data and event_type != contract.PING:
         headers["ce-subject"] = data["job_uuid"]
     body = data if isinstance(data, bytes) else json.dumps(data).encode()
@@ -197,6 +204,7 @@ def test_structured_mode_is_accepted_too(pod):
         **message.headers,
         "Prefer": "reply",
         "traceparent": broker_headers("x", "y")["traceparent"],
+        **pod.callers.for_event(contract.JOB_REQUESTED),
     }
     response = requests.post(f"{pod.url}/", data=message.body, headers=headers, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
@@ -246,9 +254,8 @@ def test_a_runs_events_reach_k_sink_and_its_notice_is_answered_with_the_terminal
             assert seen["ce-source"] == m.config_map_data()["KFP_TRAINER_SOURCE"]
             assert _triggers_matching(seen) == [], f"{seen['ce-type']} would loop"
     # The Broker delivers the notice (as it came) to the handler; the answer is routed.
-    reply = requests.post(
-        f"{pod.url}/", data=body, headers={**headers, "Prefer": "reply"}, timeout=TIMEOUT
-    )
+    as_delivered = {**headers, "Prefer": "reply", **pod.callers.for_event(contract.RUN_FINISHED)}
+    reply = requests.post(f"{pod.url}/", data=body, headers=as_delivered, timeout=TIMEOUT)
     assert reply.status_code == 200, reply.text
     event = contract.from_http(dict(reply.headers), reply.content)
     assert event.get_type() == contract.JOB_COMPLETED
@@ -258,7 +265,9 @@ def test_a_runs_events_reach_k_sink_and_its_notice_is_answered_with_the_terminal
     assert _triggers_matching(reply_headers) == ["kfp-trainer-completions"]
     done = contract.event_data(event)
     assert done["checkpoints"][0]["path"].startswith(f"s3://{cluster.bucket}/")
-    status = requests.get(f"{pod.url}/jobs/{job_uuid}", timeout=TIMEOUT)
+    status = requests.get(
+        f"{pod.url}/jobs/{job_uuid}", headers=pod.callers.reader(), timeout=TIMEOUT
+    )
     assert status.status_code == 200 and status.json()["status"] == "completed"
 
 
@@ -333,6 +342,8 @@ def _bad_requests() -> list[tuple[str, dict[str, str], bytes, int, str]]:
 @pytest.mark.parametrize("case", _bad_requests(), ids=lambda c: c[0])
 def test_permanent_problems_get_a_4xx_knative_does_not_retry(pod, case):
     _, headers, body, status, words = case
+    event_type = headers.get("ce-type", contract.JOB_REQUESTED)
+    headers = {**headers, **pod.callers.for_event(event_type)}  # a listed caller
     response = requests.post(f"{pod.url}/", data=body, headers=headers, timeout=TIMEOUT)
     assert response.status_code == status, response.text
     assert 400 <= response.status_code < 500
@@ -360,7 +371,10 @@ def test_a_model_missing_from_the_model_store_is_refused_for_good(pod):
     response = deliver(pod, contract.JOB_REQUESTED, data)
     assert response.status_code == 400, response.text
     assert "Llama3.2-3B-Instruct" in response.json()["message"]
-    assert requests.get(f"{pod.url}/jobs/{job_uuid}", timeout=TIMEOUT).status_code == 404
+    status = requests.get(
+        f"{pod.url}/jobs/{job_uuid}", headers=pod.callers.reader(), timeout=TIMEOUT
+    )
+    assert status.status_code == 404
 
 
 # ------------------------------------------------------------------------------ SIGTERM
@@ -368,12 +382,13 @@ def test_a_model_missing_from_the_model_store_is_refused_for_good(pod):
 
 def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tmp_path, cluster, sink):
     """Knative stops a pod with SIGTERM: gunicorn must stop taking work, finish what it has."""
-    pod = HandlerPod(tmp_path, cluster.overrides(sink))
+    pod = HandlerPod(tmp_path, cluster.overrides(sink), cluster.callers)
     try:
         pod.wait_ready()
         job_uuid = new_uuid()
         body = json.dumps(request_data(job_uuid)).encode()
         headers = broker_headers(contract.JOB_REQUESTED, "in-flight", **{"ce-subject": job_uuid})
+        headers.update(cluster.callers.for_event(contract.JOB_REQUESTED))
         head = "POST / HTTP/1.1\r\nHost: handler\r\nConnection: close\r\n"
         head += f"Content-Length: {len(body)}\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
@@ -405,3 +420,21 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tmp_path, cluste
 
 def _graceful_timeout() -> int:
     return int(m.config_map_data()["GUNICORN_GRACEFUL_TIMEOUT"])
+
+
+def test_callers_the_deployment_does_not_list_are_refused_for_good(pod):
+    """No token: 401; the requests' Trigger sending a run.finished: 403. Both are final for
+    Knative (dead-lettered), and neither says anything about the job."""
+    job_uuid = new_uuid()
+    body = json.dumps({"job_uuid": job_uuid, "state": "SUCCEEDED"}).encode()
+    headers = broker_headers(contract.RUN_FINISHED, "wrong-1", **{"ce-subject": job_uuid})
+    anonymous = requests.post(f"{pod.url}/", data=body, headers=headers, timeout=TIMEOUT)
+    headers.update(pod.callers.for_event(contract.JOB_REQUESTED))
+    wrong = requests.post(f"{pod.url}/", data=body, headers=headers, timeout=TIMEOUT)
+    assert (anonymous.status_code, wrong.status_code) == (401, 403)
+    for response in (anonymous, wrong):
+        assert response.status_code not in RETRIED_BY_KNATIVE
+        assert "ce-type" not in response.headers
+        assert job_uuid not in response.text
+    assert wrong.json()["message"].endswith("may not send run.finished notices")
+    assert requests.get(f"{pod.url}/jobs", timeout=TIMEOUT).status_code == 401

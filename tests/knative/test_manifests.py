@@ -141,7 +141,7 @@ def test_kustomize_builds_the_whole_set():
     built = [d for d in yaml.safe_load_all(out.stdout) if d]
     assert len(built) == len(m.documents())
     for doc in built:
-        if doc["kind"] != "Namespace":
+        if doc["kind"] not in ("Namespace", "ClusterRoleBinding"):  # cluster-scoped
             assert doc["metadata"]["namespace"] == namespace(), doc["metadata"]["name"]
     image_override = m.kustomization()["images"][0]
     service = next(
@@ -166,32 +166,13 @@ def test_handler_triggers_name_the_broker_and_the_handler_service():
         assert target.api_version == KSVC_API, f"{trigger.label} subscriber is not a ksvc"
 
 
-def _trigger_types(trigger: m.Doc) -> list[str]:
-    """The exact `type` values a Trigger lets through (filter.attributes or filters/any/exact)."""
-    spec = trigger.body["spec"]
-    if "filters" in spec:
-        assert "filter" not in spec, f"{trigger.label}: `filters` silently overrides `filter`"
-        (expr,) = spec["filters"]
-        branches = expr.get("any", [expr])
-        assert branches, f"{trigger.label}: `any` must hold at least one expression"
-        types = []
-        for branch in branches:
-            assert set(branch) == {"exact"}, f"{trigger.label}: unexpected dialect {branch}"
-            assert set(branch["exact"]) == {"type"}, f"{trigger.label}: filter on type only"
-            types.append(branch["exact"]["type"])
-        return types
-    attributes = spec["filter"]["attributes"]
-    assert set(attributes) == {"type"}, f"{trigger.label}: filter on type only"
-    return [attributes["type"]]
-
-
 def test_one_trigger_per_consumed_type_and_each_delivers_to_the_handler():
     to_handler = [
         t for t in m.find("Trigger") if t.body["spec"]["subscriber"]["ref"]["name"] == HANDLER
     ]
-    types = [typ for t in to_handler for typ in _trigger_types(t)]
+    types = [typ for t in to_handler for typ in m.trigger_types(t)]
     assert sorted(types) == sorted(contract.BROKER_CONSUMED_TYPES)
-    assert all(len(_trigger_types(t)) == 1 for t in to_handler)
+    assert all(len(m.trigger_types(t)) == 1 for t in to_handler)
 
 
 def test_completion_trigger_matches_exactly_the_terminal_types():
@@ -199,7 +180,7 @@ def test_completion_trigger_matches_exactly_the_terminal_types():
         t for t in m.find("Trigger") if t.body["spec"]["subscriber"]["ref"]["name"] != HANDLER
     ]
     assert len(others) == 1, "one Trigger carries the completion types"
-    assert sorted(_trigger_types(others[0])) == sorted(contract.TERMINAL_TYPES)
+    assert sorted(m.trigger_types(others[0])) == sorted(contract.TERMINAL_TYPES)
     assert set(contract.TERMINAL_TYPES) <= set(contract.EMITTED_TYPES)
     subscriber = m.resolve_ref(others[0].body["spec"]["subscriber"]["ref"])
     assert subscriber.name != HANDLER
@@ -208,7 +189,7 @@ def test_completion_trigger_matches_exactly_the_terminal_types():
 def test_no_trigger_loops_emitted_events_back_into_the_handler():
     for trigger in m.find("Trigger"):
         if trigger.body["spec"]["subscriber"]["ref"]["name"] == HANDLER:
-            assert not set(_trigger_types(trigger)) & set(contract.EMITTED_TYPES)
+            assert not set(m.trigger_types(trigger)) & set(contract.EMITTED_TYPES)
 
 
 _ISO_DURATION = re.compile(r"^P(?!$)(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+(\.\d+)?S)?)?$")
@@ -262,7 +243,7 @@ def test_service_account_and_its_role_binding_exist():
 
 
 def _rule(resource: str) -> dict[str, Any]:
-    (role,) = m.find("Role")
+    role = m.one("Role", HANDLER)
     (rule,) = [r for r in role.body["rules"] if resource in r["resources"]]
     return rule
 
@@ -276,7 +257,7 @@ def test_role_lets_the_handler_read_exactly_the_configured_dspa():
     assert rule["resourceNames"] == [dspa] and rule["verbs"] == ["get"]
     route = _rule("routes")  # the DSPA oauth-proxy's access check
     assert route["resourceNames"] == [f"ds-pipeline-{dspa}"] and route["verbs"] == ["get"]
-    (role,) = m.find("Role")
+    role = m.one("Role", HANDLER)
     resources = {r for rule in role.body["rules"] for r in rule["resources"]}
     assert "secrets" not in resources, "credentials come as env vars, not through the API"
 
@@ -386,7 +367,7 @@ def test_runs_post_their_notice_to_the_broker_that_routes_it_to_the_handler():
     assert _config_map_data()["KFP_TRAINER_NOTIFY_URL"] == ""
     settings = HandlerSettings.from_env(_deployed_env())
     assert settings.sink.endswith(f"/{namespace()}/{BROKER}")
-    (trigger,) = [t for t in m.find("Trigger") if contract.RUN_FINISHED in _trigger_types(t)]
+    (trigger,) = [t for t in m.find("Trigger") if contract.RUN_FINISHED in m.trigger_types(t)]
     assert trigger.body["spec"]["subscriber"]["ref"]["name"] == HANDLER
     assert _config_map_data()["KFP_NAMESPACE"] == namespace()
     labels = handler_service().body["metadata"]["labels"]

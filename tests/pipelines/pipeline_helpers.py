@@ -11,6 +11,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from pipelines.sa_token import POD_NAMESPACE_ENV, POD_SERVICE_ACCOUNT_ENV
+from tests.k8s_standin import KubeApiStandin
 from tests.support import REPO
 from tests.support.jobs import lora
 
@@ -117,3 +119,38 @@ def make_tar(src: Path, out: Path, *, gzip: bool, arcname: str = "llama3.2-tiny"
     with tarfile.open(out, "w:gz" if gzip else "w") as tar:
         tar.add(src, arcname=arcname)
     return out
+
+
+# The pipeline pods' service account (a DSPA's runner), as the pipeline tests' pods run it.
+RUNNER = ("kfp-trainer", "pipeline-runner-dspa")
+
+
+def pod_env(api: KubeApiStandin, sa_dir: Path) -> dict[str, str]:
+    """What a pipeline pod has: the API address, its service-account files, the downward API."""
+    sa_dir.mkdir(parents=True, exist_ok=True)
+    (sa_dir / "token").write_text(api.service_account_token(*RUNNER))
+    (sa_dir / "ca.crt").write_bytes(api.ca_file.read_bytes())
+    host, port = api.url.removeprefix("https://").split(":")
+    return {
+        "KUBERNETES_SERVICE_HOST": host,
+        "KUBERNETES_SERVICE_PORT": port,
+        "KFP_TRAINER_SA_DIR": str(sa_dir),
+        POD_NAMESPACE_ENV: RUNNER[0],
+        POD_SERVICE_ACCOUNT_ENV: RUNNER[1],
+    }
+
+
+def task_events_config(url: str, job_uuid: str, **kwargs: Any) -> Any:
+    """The train task's TaskEventsConfig as the handler makes it, posting to ``url``."""
+    from handler import contract
+    from pipelines.task_events import TaskEventsConfig
+
+    return TaskEventsConfig(
+        url=url,
+        source="/kfp-trainer/handler",
+        started_type=contract.JOB_STARTED,
+        started_id=contract.event_id(job_uuid, contract.JOB_STARTED),
+        progress_type=contract.JOB_PROGRESS,
+        progress_id_prefix=contract.event_id(job_uuid, contract.JOB_PROGRESS) + "/",
+        **kwargs,
+    )

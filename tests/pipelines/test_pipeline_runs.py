@@ -21,7 +21,14 @@ from pipelines.models import TINY
 from pipelines.result import RunResult
 from pipelines.settings import PipelineSettings
 from tests.pipelines.loaders import HF_MODEL_FILES, chat_ids, meta_reference_logits, peft_model
-from tests.pipelines.pipeline_helpers import make_request, make_tar, run_cli, write_rows
+from tests.pipelines.pipeline_helpers import (
+    RUNNER,
+    make_request,
+    make_tar,
+    pod_env,
+    run_cli,
+    write_rows,
+)
 from tests.pipelines.test_pipeline_units import receiver  # noqa: F401  (fixture)
 
 # The trainer image's name need not contain "python"; kfp.local warns about that.
@@ -400,3 +407,81 @@ def test_compiled_package_runs_with_s3_artifacts_and_publishes_to_s3(
         assert storage.exists(f"{ckpt['path']}/{name}") == "file", name
     config = json.loads(storage.get_bytes(f"{ckpt['path']}/config.json"))
     assert config["tie_word_embeddings"] is True and config["vocab_size"] == TINY.vocab_size
+
+
+def test_the_exit_task_presents_its_token_to_a_handler_checking_callers(
+    tmp_path: Path, tiny_model: Path, monkeypatch
+) -> None:
+    """A local run whose notice goes to the handler under gunicorn with KFP_TRAINER_AUTH=true:
+    the exit task gets its pod's token for the handler's audience (TokenRequest) and the
+    handler, having the Kubernetes API vouch for it, takes the notice as the runner's."""
+    from handler import contract
+    from tests.k8s_standin import KubeApiStandin
+    from tests.support.gunicorn import Gunicorn
+    from tests.support.http_client import ce_headers, curl, header_args
+
+    audience = "kfp-trainer-handler"
+    runner = f"system:serviceaccount:{RUNNER[0]}:{RUNNER[1]}"
+    requester = ("kfp-trainer", "kfp-trainer-job-requested-oidc-eventing.knative.dev-trigger")
+    train = write_rows(tmp_path / "train.jsonl", 8)
+    request = make_request("job-auth", str(tiny_model), str(train))
+    request["training_config"].update(n_epochs=1, max_steps_per_epoch=1)
+    with KubeApiStandin(tmp_path / "api") as api:
+        api.grant_token_review("system:serviceaccount:kfp-trainer:kfp-trainer-handler")
+        api.grant_token_request(runner, *RUNNER)
+        handler_token = tmp_path / "handler-token"
+        handler_token.write_text(api.service_account_token("kfp-trainer", "kfp-trainer-handler"))
+        handler = Gunicorn(
+            {
+                "KFP_TRAINER_STATE_DIR": str(tmp_path / "state"),
+                "KFP_TRAINER_BACKEND": "hold",  # the job stays queued: this run is the test's
+                "KFP_TRAINER_DATA_ROOTS": f"{tmp_path},{tiny_model.parent}",
+                "KFP_TRAINER_AUTH": "true",
+                "KFP_TRAINER_AUTH_API_URL": api.url,
+                "KFP_TRAINER_AUTH_TOKEN_PATH": str(handler_token),
+                "KFP_TRAINER_AUTH_CA_PATH": str(api.ca_file),
+                "KFP_TRAINER_AUTH_REQUESTERS": "system:serviceaccount:{}:{}".format(*requester),
+                "KFP_TRAINER_AUTH_NOTIFIERS": runner,
+            },
+            tmp_path / "gunicorn.log",
+            workers=1,
+        )
+        try:
+            handler.wait_ready()
+            hdrs = {
+                **ce_headers(contract.JOB_REQUESTED, "r-1", source="/test"),
+                "Authorization": "Bearer " + api.service_account_token(*requester, [audience]),
+            }
+            status, _, body = curl(
+                "-X",
+                "POST",
+                handler.url + "/",
+                *header_args(hdrs),
+                "--data-binary",
+                json.dumps(request),
+            )
+            assert status == 200, body
+            for name, value in pod_env(api, tmp_path / "sa").items():
+                monkeypatch.setenv(name, value)  # what the pod's downward API and mounts give
+            _run_local(
+                request,
+                tmp_path / "work",
+                tmp_path / "cache",
+                result_uri=str(tmp_path / "result"),
+                notify_url=handler.url + "/",
+                notify_event_type=contract.RUN_FINISHED,
+                token_audience=audience,
+            )
+        finally:
+            handler.stop()
+    assert RunResult.read(tmp_path / "result" / "result.json").status == "completed"
+    (asked,) = api.token_requests
+    assert (asked["name"], asked["spec"]["audiences"]) == (RUNNER[1], [audience])
+    notice_token = api.reviews[-1]["token"]
+    assert api.issuer.verify(notice_token, [audience]).name == RUNNER[1]
+    answers = [
+        r["status"]
+        for r in handler.log_lines()
+        if r.get("method") == "POST" and r.get("path") == "/"
+    ]
+    assert answers == [200, 202], "the notice was admitted (202), not refused (401/403)"

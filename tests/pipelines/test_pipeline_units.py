@@ -23,7 +23,7 @@ from pipelines.result import RunResult
 from pipelines.settings import PipelineSettings, SettingsError, TrainerSettings
 from pipelines.staging import StagingError, archive_kind, resolve_model_uri, stage_model
 from pipelines.validation import check_request
-from tests.pipelines.pipeline_helpers import make_request, write_rows
+from tests.pipelines.pipeline_helpers import make_request, task_events_config, write_rows
 from tests.support.loopback import LoopbackHTTPServer, QuietHandler, closed_port_url
 from tests.support.s3 import FaultyS3, boto_client
 
@@ -902,15 +902,8 @@ def test_task_events_are_throttled_the_last_step_is_sent_and_ids_follow_the_cont
     from tests.support.sink import Sink
 
     with Sink() as sink:
-        config = TaskEventsConfig(
-            url=sink.url,
-            source="/kfp-trainer/handler",
-            started_type=contract.JOB_STARTED,
-            started_id=contract.event_id("te-1", contract.JOB_STARTED),
-            progress_type=contract.JOB_PROGRESS,
-            progress_id_prefix=contract.event_id("te-1", contract.JOB_PROGRESS) + "/",
-            interval_s=0.5,
-            progress_uri=str(tmp_path / "progress.json"),
+        config = task_events_config(
+            sink.url, "te-1", interval_s=0.5, progress_uri=str(tmp_path / "progress.json")
         )
         events = TaskEvents(TaskEventsConfig.from_json(config.to_json()), "te-1", "run-1")
         events.started()
