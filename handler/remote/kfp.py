@@ -353,28 +353,19 @@ class KfpClient:
             "pipeline_spec": pipeline_spec,
             "runtime_config": {"parameters": parameters},
         }
-        return Run.parse(
-            self.call(
-                f"create run {display_name!r}",
-                lambda a: _json(
-                    a.runs.run_service_create_run(
-                        body, _request_timeout=self._timeout_s, _preload_content=False
-                    )
-                ),
-            )
+        return self._run(
+            f"create run {display_name!r}", lambda a, kw: a.runs.run_service_create_run(body, **kw)
         )
 
     def get_run(self, run_id: str) -> Run:
-        return Run.parse(
-            self.call(
-                f"get run {run_id}",
-                lambda a: _json(
-                    a.runs.run_service_get_run(
-                        run_id, _request_timeout=self._timeout_s, _preload_content=False
-                    )
-                ),
-            )
+        return self._run(
+            f"get run {run_id}", lambda a, kw: a.runs.run_service_get_run(run_id, **kw)
         )
+
+    def _run(self, what: str, fn: Callable[[_Apis, dict[str, Any]], Any]) -> Run:
+        """One call that answers a run, read as plain JSON (records.py says why)."""
+        kw = {"_request_timeout": self._timeout_s, "_preload_content": False}
+        return Run.parse(self.call(what, lambda a: _json(fn(a, kw))))
 
     def terminate_run(self, run_id: str) -> None:
         self.call(
