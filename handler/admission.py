@@ -14,6 +14,7 @@ from handler import logs
 from handler.errors import BadRequest, Unavailable
 from handler.roots import allowed_roots
 from handler.settings import HandlerSettings
+from pipelines.pipeline import ROOTS_FIELD
 
 log = logs.get("handler.admission")
 
@@ -46,11 +47,15 @@ class Admission:
             raise BadRequest(problems)
 
     def resolve(self, data: dict[str, Any]) -> dict[str, Any]:
-        """The request as it will run: ``model_artifact.uri`` filled from the model store.
+        """The request as it will run: ``model_artifact.uri`` filled from the model store, and
+        the roots the train task checks every URI against again (``ROOTS_FIELD``).
 
         :raises BadRequest: the model is not in the store, or the store says no for good.
         :raises Unavailable: the store cannot be searched right now.
         """
+        return {**self._with_model(data), ROOTS_FIELD: list(self.roots.entries)}
+
+    def _with_model(self, data: dict[str, Any]) -> dict[str, Any]:
         if data.get("model_artifact"):
             return data
         from pipelines.staging import StagingError, resolve_model_uri

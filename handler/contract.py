@@ -135,6 +135,11 @@ def timestamp(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def now_iso() -> str:
+    """Now, in the contract's one time format (:func:`timestamp`)."""
+    return timestamp(datetime.now(UTC)) or ""
+
+
 _PROGRESS_KEYS: Final = {"step": int, "total_steps": int, "epoch": int, "loss": (int, float)}
 
 

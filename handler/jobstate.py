@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
 
 from cloudevents.core.base import BaseCloudEvent
 
 from handler import contract
-from handler.contract import JobStatus
+from handler.contract import JobStatus, now_iso
 from pipelines import tracing
 from pipelines.pipeline import TRACE_FIELD
 
@@ -68,11 +67,6 @@ def job_span(name: str, job: Job, **attributes: Any) -> Any:
     """A span of this job's trace (a child of the span that accepted it)."""
     attributes["job_uuid"] = job.job_uuid
     return tracing.span(TRACER, name, parent=job.request.get(TRACE_FIELD), attributes=attributes)
-
-
-def now_iso() -> str:
-    """The contract's timestamp of now."""
-    return contract.timestamp(datetime.now(UTC)) or ""
 
 
 class Transitions:

@@ -212,6 +212,15 @@ class LocalService:
         self.store.local_delivery = True
         self.outbox.subscribe(callback)
 
+    def publish(self, event: BaseCloudEvent) -> None:
+        """Emit an event about a job this handler never ran, through the outbox like its own.
+
+        The provider ends a job whose datasets never finished staging (so no ``job.requested``
+        reached this handler) and announces it here, to the same sink and subscribers.
+        """
+        self.store.add_event(event)
+        self.lifecycle.emitted()
+
     # -- building answers -----------------------------------------------------------------------
 
     def emit(self, event_type: str, job: Job, seq: int | None = None) -> BaseCloudEvent:

@@ -370,6 +370,11 @@ class JobStore:
 
     # -- jobs ----------------------------------------------------------------------------------
 
+    def add_event(self, event: BaseCloudEvent) -> None:
+        """Emit an event that changes no job here (an event id already emitted is ignored)."""
+        with self._tx() as conn:
+            self._add_event(conn, event)
+
     def insert_job(self, job: Job, event: BaseCloudEvent) -> tuple[Job, bool]:
         """Queue ``job`` (from :func:`new_job`) with its job.scheduled ``event``, unless a job
         with that job_uuid is stored already, which is returned instead.

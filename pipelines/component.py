@@ -30,6 +30,7 @@ def train(
     run_id: str = "",
     task_events: str = "",
     token_audience: str = "",
+    allowed_roots: str = "",
 ):
     """LoRA fine-tuning with torchtune; the output model's metadata is the RunResult, the
     metrics (loss, tokens/s, memory per epoch) are what the KFP UI shows for the run."""
@@ -50,6 +51,7 @@ def train(
         run_id=run_id,
         task_events=task_events,
         token_audience=token_audience,
+        allowed_roots=allowed_roots,
     )
     model.metadata.update(result)
     for name, value in training_metrics(result).items():

@@ -18,7 +18,6 @@ child span per step above, the recipe's epochs and checkpoints included (pipelin
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -29,10 +28,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from pipelines import logs, storage, tracing
-from pipelines.data import DatasetError
+from pipelines.data import DatasetError, DatasetRead, normalize, source_format
 from pipelines.logs import event
 from pipelines.progress import ProgressReporter
 from pipelines.result import RunResult
+from pipelines.roots import Roots
 from pipelines.sa_token import bearer_for
 from pipelines.settings import SettingsError, TrainerSettings
 from pipelines.staging import StagingError, content_digest, stage_model
@@ -67,36 +67,41 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def _read_dataset(
+    field: str, path: Path, uri: str, ref: dict[str, Any], data_format: str, out: Path
+) -> DatasetRead:
+    """Read a fetched dataset, check every row and write the JSONL the recipe reads to ``out``.
 
-
-def _check_file(field: str, path: Path, ref: dict[str, Any]) -> None:
-    """The fetched dataset matches what the request says about it (sha256, row count)."""
-    want = ref.get("sha256")
-    if want and (got := _sha256(path)) != want:
-        raise DatasetError(f"{field}.sha256: {path.name} has sha256 {got}, the request says {want}")
-    rows = ref.get("rows")
-    if rows is not None:
-        with path.open("rb") as f:
-            found = sum(1 for line in f if line.strip())
-        if found != rows:
-            raise DatasetError(
-                f"{field}.rows: the request says {rows} rows, {path.name} has {found}"
-            )
-
-
-def _read_dataset(field: str, path: Path, ref: dict[str, Any]) -> None:
-    """Read a fetched dataset (JSONL, one row a line) and check it against its reference."""
+    Passed by reference it is CSV, JSONL or Parquet (``format``, else the file name says);
+    staged it is JSONL. Either way it must match what the request says of it (sha256, rows).
+    """
+    file_format = ref.get("format") or source_format(uri) or "jsonl"
+    name = ref.get("dataset_id") or path.name
     with tracing.span(TRACER, "read dataset", attributes={"dataset": field}) as span:
-        _check_file(field, path, ref)
-        with path.open("rb") as f:
-            rows = sum(1 for line in f if line.strip())
-        span.set_attributes({"rows": rows, "bytes": path.stat().st_size})
+        read = normalize(path, file_format, data_format, out, dataset=name, uri=uri)
+        span.set_attributes({"rows": read.rows, "bytes": path.stat().st_size})
+    want = ref.get("sha256")
+    if want and read.sha256 != want:
+        raise DatasetError(
+            f"{field}.sha256: dataset {name!r} ({uri}) has sha256 {read.sha256}, the request "
+            f"says {want}"
+        )
+    rows = ref.get("rows")
+    if rows is not None and read.rows != rows:
+        raise DatasetError(
+            f"{field}.rows: the request says {rows} rows, dataset {name!r} ({uri}) has {read.rows}"
+        )
+    return read
+
+
+def _check_roots(allowed_roots: str, uris: dict[str, str]) -> None:
+    """:raises RequestError: a URI outside the roots the handler passed (nothing opened yet)."""
+    if not allowed_roots:
+        return  # run by hand (``kfp-trainer run``): the operator names the files
+    refs = {field: {"uri": uri} for field, uri in uris.items() if uri}
+    outside = Roots.from_json(allowed_roots).request_problems(refs)
+    if outside:
+        raise RequestError(outside)
 
 
 def _fetch_model(uri: str, cache_dir: Path, sha256: str | None = None) -> Path:
@@ -183,11 +188,14 @@ def run_train(
     run_id: str = "",
     task_events: str = "",
     token_audience: str = "",
+    allowed_roots: str = "",
 ) -> dict[str, Any]:
     """Run one job's training; return the RunResult dict (the output artifact's metadata).
 
     ``trace`` (traceparent, tracestate) is the job's trace context; the task's spans join it.
     ``token_audience``: the events it posts carry a token for it (pipelines/sa_token.py).
+    ``allowed_roots`` (a JSON list, pipelines/roots.py): the only places the task may read;
+    empty when run by hand.
 
     :raises TrainingFailed: after writing a failed result.json, naming the problem.
     """
@@ -210,6 +218,7 @@ def run_train(
                 run_id=run_id,
                 task_events=task_events,
                 token_audience=token_audience,
+                allowed_roots=allowed_roots,
             )
     finally:
         tracing.flush()
@@ -230,6 +239,7 @@ def _train(
     run_id: str,
     task_events: str,
     token_audience: str,
+    allowed_roots: str,
 ) -> dict[str, Any]:
     artifact_dir = Path(artifact_path) if artifact_path else None
     scratch = Path(tempfile.mkdtemp(prefix=f"kfp-trainer-{job_uuid}-"))
@@ -260,6 +270,14 @@ def _train(
             validation_dataset_uri=validation_dataset_uri or None,
             result_uri=result_uri or None,
         )
+        _check_roots(
+            allowed_roots,
+            {
+                "dataset": dataset_uri,
+                "validation_dataset": validation_dataset_uri,
+                "model_artifact": model_uri,
+            },
+        )
         cache = Path(cache_dir) if cache_dir else scratch / "cache"
         # The refs' other fields (rows, sha256) came along without their URIs: check against them.
         refs = {
@@ -279,9 +297,21 @@ def _train(
         from pipelines.validation import require_valid
 
         require_valid(request)
-        _read_dataset("dataset", dataset, refs["dataset"])
+        data_format = request["training_config"]["data_config"]["data_format"]
+        read = {
+            "dataset": _read_dataset(
+                "dataset", dataset, dataset_uri, refs["dataset"], data_format, scratch / "rows"
+            )
+        }
         if validation:
-            _read_dataset("validation_dataset", validation, refs["validation_dataset"])
+            read["validation_dataset"] = _read_dataset(
+                "validation_dataset",
+                validation,
+                validation_dataset_uri,
+                refs["validation_dataset"],
+                data_format,
+                scratch / "validation-rows",
+            )
         model_dir = _fetch_model(model_uri, cache, refs["model_artifact"].get("sha256"))
         target = local_path(result_uri) if result_uri else None
         if target is not None:
@@ -296,13 +326,14 @@ def _train(
         result = run_recipe(
             request,
             model_dir=model_dir,
-            dataset_path=dataset,
-            validation_path=validation,
+            dataset_path=scratch / "rows",
+            validation_path=scratch / "validation-rows" if validation else None,
             output_dir=checkpoint_root,
             checkpoint_format=checkpoint_format,
             progress=ProgressReporter(Path(progress_path) if progress_path else None, announcer),
             settings=trainer_settings,
         )
+        result.datasets = {field: r.to_dict() for field, r in read.items()}
         result = _publish(result, result_uri, checkpoint_root)
         _write_result(result, result_uri, artifact_dir)
         event(

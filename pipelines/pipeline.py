@@ -31,6 +31,8 @@ NOTIFY_TASK: Final = "notify"
 _URI_FIELDS: Final = ("dataset", "validation_dataset", "model_artifact")
 # Where the handler keeps the job's W3C trace context in a request; each key is a parameter.
 TRACE_FIELD: Final = "trace"
+# Where the handler puts the roots the train task may read (pipelines/roots.py); a parameter.
+ROOTS_FIELD: Final = "allowed_roots"
 
 
 def pipeline_arguments(
@@ -71,7 +73,7 @@ def pipeline_arguments(
     config = {
         k: ({f: x for f, x in v.items() if f != "uri"} if k in _URI_FIELDS else v)
         for k, v in request.items()
-        if k != TRACE_FIELD
+        if k not in (TRACE_FIELD, ROOTS_FIELD)
     }
     args: dict[str, Any] = {
         "job_uuid": request["job_uuid"],
@@ -94,6 +96,8 @@ def pipeline_arguments(
         args["checkpoint_format"] = request["checkpoint_format"]
     trace = request.get(TRACE_FIELD) or {}
     args.update({k: str(trace[k]) for k in TRACE_KEYS if trace.get(k)})
+    if request.get(ROOTS_FIELD) is not None:
+        args["allowed_roots"] = json.dumps(list(request[ROOTS_FIELD]))
     return args
 
 
@@ -185,6 +189,7 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
         request_digest: str = "",
         task_events: str = "",
         token_audience: str = settings.token_audience,
+        allowed_roots: str = "",
     ) -> None:
         notify = notify_op(
             job_uuid=job_uuid,
@@ -222,6 +227,7 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 task_events=task_events,
                 token_audience=token_audience,
+                allowed_roots=allowed_roots,
             )
             train.set_display_name(TRAIN_TASK)
             _pod_identity_env(train)
@@ -248,6 +254,7 @@ def compile_pipeline(settings: PipelineSettings, out: Path) -> Path:
 __all__ = [
     "NOTIFY_TASK",
     "PIPELINE_NAME",
+    "ROOTS_FIELD",
     "TRAIN_TASK",
     "build_pipeline",
     "compile_pipeline",

@@ -36,6 +36,10 @@ class RunResult:
     ``dataset_rows``: rows read from the dataset; ``rows_without_trainable_tokens``: how many
     of them truncation to the model's sequence limit left with no token to learn from (they
     are skipped; when none is left the run fails instead, naming the limit).
+    ``datasets``: per request field (``dataset``, ``validation_dataset``), what the trainer
+    read (pipelines.data.DatasetRead: dataset, uri, format, rows, sha256 of the bytes,
+    rows_sha256 of the conversations).
+    ``resources_allocated`` is None until training started (never an empty dict).
     """
 
     job_uuid: str
@@ -43,9 +47,10 @@ class RunResult:
     error: str | None = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
-    resources_allocated: dict[str, Any] = field(default_factory=dict)
+    resources_allocated: dict[str, Any] | None = None
     dataset_rows: int | None = None
     rows_without_trainable_tokens: int | None = None  # cut to the sequence limit: not trained on
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -67,9 +72,12 @@ class RunResult:
             error=data.get("error"),
             checkpoints=list(data.get("checkpoints") or []),
             metrics=list(data.get("metrics") or []),
-            resources_allocated=dict(data.get("resources_allocated") or {}),
+            resources_allocated=dict(data["resources_allocated"])
+            if data.get("resources_allocated")
+            else None,
             dataset_rows=data.get("dataset_rows"),
             rows_without_trainable_tokens=data.get("rows_without_trainable_tokens"),
+            datasets=dict(data.get("datasets") or {}),
         )
 
     def to_json(self) -> str:

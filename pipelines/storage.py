@@ -1,4 +1,5 @@
-"""Moving artifacts between URIs and local disk: local paths, file:// and s3:// (boto3).
+"""Moving artifacts between URIs and local disk: local paths, file://, s3:// (boto3), and
+https:// (datasets passed by reference; download only).
 
 The same training task runs locally (artifacts are files already) and remotely (artifacts live
 in S3 and the task fetches them itself, with the endpoint from ``S3_ENDPOINT_URL`` and
@@ -15,6 +16,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,7 @@ from urllib.parse import urlparse
 
 from pipelines.validation import local_path
 
+HTTPS_TIMEOUT_S: Final = 30.0
 # S3 error codes that mean "not now" rather than "no": the same call may succeed later.
 _TRANSIENT_CODES: Final = frozenset(
     {
@@ -102,6 +106,40 @@ def failure(what: str, exc: BaseException) -> StorageError:
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
+
+
+def is_https(uri: str) -> bool:
+    return uri.startswith("https://")
+
+
+def _fetch_https(uri: str, dest: Path) -> Path:
+    """Download one https:// object to ``dest/<basename>`` (a temporary name first).
+
+    :raises StorageUnavailable: no connection, a timeout, 5xx or 429 (retry later).
+    :raises StorageError: any other answer (404, 403, ...).
+    """
+    name = Path(urlparse(uri).path).name or "download"
+    dest.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".fetch-{name}-", dir=dest)
+    try:
+        with (
+            os.fdopen(fd, "wb") as out,
+            urllib.request.urlopen(uri, timeout=HTTPS_TIMEOUT_S) as answer,
+        ):
+            shutil.copyfileobj(answer, out, 1 << 20)
+        target = dest / name
+        os.replace(tmp, target)
+        return target
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500 or exc.code == 429:
+            raise StorageUnavailable(
+                f"cannot download {uri!r}: HTTP {exc.code}; retry later"
+            ) from None
+        raise StorageError(f"cannot download {uri!r}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise StorageUnavailable(f"cannot download {uri!r}: {exc}; retry later") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def parse_s3(uri: str) -> tuple[str, str]:
@@ -233,6 +271,8 @@ def fetch(uri: str, dest: Path, client: Any = None) -> Path:
         if not path.exists():
             raise StorageError(f"{uri!r}: no such file or directory")
         return path
+    if is_https(uri):
+        return _fetch_https(uri, Path(dest))
     bucket, key = parse_s3(uri)
     client = client or s3_client()
     name = key.rstrip("/").rsplit("/", 1)[-1] or bucket
@@ -353,6 +393,7 @@ __all__ = [
     "fetch",
     "fingerprint",
     "get_bytes",
+    "is_https",
     "is_s3",
     "is_transient",
     "join",

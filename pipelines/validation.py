@@ -19,7 +19,7 @@ from pipelines.settings import CHECKPOINT_FORMATS
 DATA_FORMATS: Final = ("instruct", "dialog")
 OPTIMIZERS: Final = ("adam", "adamw", "sgd")
 DTYPES: Final = ("bf16", "fp32", "fp16")
-URI_SCHEMES: Final = ("", "file", "s3")
+URI_SCHEMES: Final = ("", "file", "s3", "https")
 
 
 class RequestError(ValueError):
@@ -39,7 +39,7 @@ def _is_number(value: Any) -> bool:
 
 
 def local_path(uri: str) -> Path | None:
-    """The local path a URI names, or None when it is remote (s3://)."""
+    """The local path a URI names, or None when it is remote (s3://, https://)."""
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return Path(parsed.path)
@@ -50,13 +50,15 @@ def local_path(uri: str) -> Path | None:
 
 def _check_uri(field: str, uri: Any, *, want_file: bool, problems: list[str]) -> None:
     if not isinstance(uri, str) or not uri:
-        problems.append(f"{field}: must be a non-empty string (a path, file:// or s3:// URI)")
+        problems.append(
+            f"{field}: must be a non-empty string (a path, file://, s3:// or https:// URI)"
+        )
         return
     scheme = urlparse(uri).scheme
     if scheme not in URI_SCHEMES:
         problems.append(
             f"{field}: {uri!r} has unsupported scheme {scheme!r}; use a local path, "
-            "file:// or s3://"
+            "file://, s3:// or https://"
         )
         return
     path = local_path(uri)

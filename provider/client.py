@@ -142,6 +142,8 @@ def render_bar(status: Any, elapsed: float) -> str:
     filled = int(BAR_WIDTH * step / total) if total else 0
     bar = "#" * filled + "." * (BAR_WIDTH - filled)
     parts = [f"[{bar}]", f"step {step}/{total or '?'}"]
+    if progress.get("phase") == "staging":
+        parts.append(f"staging: {int(progress.get('rows_staged') or 0):,} rows")
     if progress.get("epoch") is not None:
         parts.append(f"epoch {progress['epoch']}")
     if progress.get("loss") is not None:

@@ -117,7 +117,22 @@ class KfpTrainerConfig(BaseModel):
         "its status (it is never ended on that alone). KFP_TRAINER_LOST_AFTER_S",
     )
     dataset_page_size: int = Field(
-        default=1000, ge=1, description="Rows per datasetio iterrows page. KFP_TRAINER_PAGE_SIZE"
+        default=100,
+        ge=-1,
+        description="Rows in the first page staged; pages then grow 4x up to dataset_page_max. "
+        "-1: all rows in one iterrows(limit=-1) call (memory grows with the dataset). "
+        "KFP_TRAINER_PAGE_SIZE",
+    )
+    dataset_page_max: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most rows per datasetio iterrows page (localfs reads the whole source for "
+        "each page: fewer, larger pages cost less time, more memory). KFP_TRAINER_PAGE_MAX",
+    )
+    dataset_reader: Literal["auto", "datasetio"] = Field(
+        default="auto",
+        description="auto: CSV/JSONL/Parquet files by reference or read directly (cells as "
+        "text); datasetio: every dataset's rows through datasetio. KFP_TRAINER_DATASET_READER",
     )
     checkpoint_format: Literal["meta", "huggingface"] = Field(
         default="meta", description="KFP_TRAINER_CHECKPOINT_FORMAT"
@@ -193,7 +208,9 @@ class KfpTrainerConfig(BaseModel):
             "http_timeout_s": "${env.KFP_TRAINER_HTTP_TIMEOUT_S:10}",
             "status_refresh_s": "${env.KFP_TRAINER_STATUS_REFRESH_S:2}",
             "lost_after_s": "${env.KFP_TRAINER_LOST_AFTER_S:300}",
-            "dataset_page_size": "${env.KFP_TRAINER_PAGE_SIZE:1000}",
+            "dataset_page_size": "${env.KFP_TRAINER_PAGE_SIZE:100}",
+            "dataset_page_max": "${env.KFP_TRAINER_PAGE_MAX:100000}",
+            "dataset_reader": "${env.KFP_TRAINER_DATASET_READER:auto}",
             "checkpoint_format": "${env.KFP_TRAINER_CHECKPOINT_FORMAT:meta}",
             "base_image": "${env.KFP_TRAINER_BASE_IMAGE:}",
             "gpu": {

@@ -27,12 +27,15 @@ from llama_stack.apis.post_training import (
 from llama_stack.apis.post_training.post_training import AlgorithmConfig
 from llama_stack.providers.datatypes import HealthResponse, HealthStatus
 
+from handler import ingress
 from pipelines import tracing
 from provider import logs
+from provider.background import BackgroundJobs
 from provider.config import KfpTrainerConfig
+from provider.datasets import DatasetPlan, check_in_sight, plan, require_purpose
 from provider.request import ADAPTER, build_request
-from provider.staging import FileSink, Sink, StagedDataset, stage_dataset
 from provider.state import JobStore, is_terminal, now_iso, to_job_status
+from provider.submission import STAGING, SUBMITTED, SUBMITTING, Submission
 from provider.tracing import request_context
 from provider.transport import DeliveryFailed, Transport, make_transport
 
@@ -55,14 +58,56 @@ class KfpJobStatusResponse(PostTrainingJobStatusResponse):
     error: str | None = None
     dataset_rows: int | None = None
     rows_without_trainable_tokens: int | None = None
+    datasets: dict[str, Any] | None = None
 
 
 def _age_s(record: dict[str, Any]) -> float:
-    """Seconds since the job was requested (0 when unknown)."""
-    requested = record.get("requested_at")
-    if not requested:
+    """Seconds since the job reached the handler (or was requested; 0 when unknown)."""
+    since = record.get("submitted_at") or record.get("requested_at")
+    if not since:
         return 0.0
-    return (datetime.now(UTC) - datetime.fromisoformat(requested)).total_seconds()
+    then = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    return (datetime.now(UTC) - then).total_seconds()
+
+
+def _mark_cancel(record: dict[str, Any]) -> None:
+    record["cancel_requested_at"] = now_iso()
+
+
+def _dataset_view(chosen: DatasetPlan) -> dict[str, Any]:
+    """What the job's status says about one dataset: which path it takes, from where."""
+    view: dict[str, Any] = {"dataset_id": chosen.dataset_id, "delivery": chosen.delivery}
+    view["source"] = chosen.uri or "rows"
+    if chosen.format:
+        view["format"] = chosen.format
+    if chosen.delivery == "staged":
+        view.update(reader=chosen.reader, rows_staged=0, bytes_staged=0)
+    return view
+
+
+def job_progress(record: dict[str, Any]) -> dict[str, Any]:
+    """The one progress a status shows: the phase, staging's rows and bytes, training's steps.
+
+    Present from the start: staging counts from ``scheduled`` on, training's ``step`` (0 until
+    the first one ends) from ``in_progress`` on.
+    """
+    status = record["status"]
+    phase = record.get("phase", SUBMITTED)
+    training = record.get("progress") or {}
+    progress: dict[str, Any] = {}
+    staged = [d for d in (record.get("datasets") or {}).values() if d.get("delivery") == "staged"]
+    if staged:
+        progress["rows_staged"] = sum(int(d.get("rows_staged") or 0) for d in staged)
+        progress["bytes_staged"] = sum(int(d.get("bytes_staged") or 0) for d in staged)
+    if training or status != "scheduled" and phase == SUBMITTED:
+        progress.update({"step": 0, **training})
+    if is_terminal(record):
+        progress["phase"] = "ended"
+    elif phase in (STAGING, SUBMITTING):
+        progress["phase"] = phase
+    else:
+        progress["phase"] = "training" if status == "in_progress" else "queued"
+    return progress
 
 
 def to_checkpoint(value: dict[str, Any]) -> Checkpoint:
@@ -95,6 +140,9 @@ class KfpTrainerPostTraining:
         self._store = JobStore(config.resolved_kvstore)
         self._transport: Transport = make_transport(config)
         self._refreshed: dict[str, float] = {}
+        self._roots = config.roots()
+        self._background = BackgroundJobs()
+        self._submission = Submission(config, self._store, self._transport, datasetio)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -105,6 +153,7 @@ class KfpTrainerPostTraining:
         self.config.state_path.mkdir(parents=True, exist_ok=True)
         self._store.start()
         self._transport.start(self._on_update)
+        self._background.open()
         log.info(
             "kfp-torchtune provider ready",
             extra={"mode": self.config.mode, "state_dir": self.config.state_dir},
@@ -112,6 +161,7 @@ class KfpTrainerPostTraining:
         await self._reconcile()
 
     async def shutdown(self) -> None:
+        await self._background.stop()  # their records say where to go on at the next start
         self._transport.stop()
         self._store.stop()
         tracing.shutdown()
@@ -128,13 +178,18 @@ class KfpTrainerPostTraining:
         self._store.apply_soon(update)
 
     async def _reconcile(self) -> None:
-        """Local: ask the in-process handler about every job this copy thinks is running (events
-        may have been emitted while this process was down). Remote reads refresh lazily."""
-        if self._transport.polls:
-            return
+        """Go on with jobs this process left staging or submitting. Local: ask the in-process
+        handler about every job this copy thinks is running (events may have been emitted
+        while this process was down). Remote reads refresh lazily."""
         for record in await self._store.all():
-            if not is_terminal(record):
-                await self._refresh(record["job_uuid"], force=True)
+            if is_terminal(record):
+                continue
+            job_uuid = record["job_uuid"]
+            if record.get("phase") in (STAGING, SUBMITTING):
+                log.info("staging the job again after a restart", extra={"job_uuid": job_uuid})
+                await self._background.start(job_uuid, self._submission.run(job_uuid))
+            elif not self._transport.polls:
+                await self._refresh(job_uuid, force=True)
 
     async def _refresh(self, job_uuid: str, *, force: bool = False) -> None:
         """Fold the handler's current view of a job into the store (throttled)."""
@@ -162,7 +217,7 @@ class KfpTrainerPostTraining:
         ):
             note = (
                 f"the handler has no record of job {job_uuid!r} "
-                f"{self.config.lost_after_s:.0f}s after it was requested: the Broker has not "
+                f"{self.config.lost_after_s:.0f}s after it was sent: the Broker has not "
                 "delivered it yet, or the handler refused it (its dead-letter sink has the "
                 "reason); the status changes as soon as the handler knows the job"
             )
@@ -210,8 +265,6 @@ class KfpTrainerPostTraining:
         checkpoint_dir: str | None,
         algorithm_config: AlgorithmConfig | None,
     ) -> PostTrainingJob:
-        from handler.contract import JOB_REQUESTED, make_event
-
         request = build_request(
             self.config,
             job_uuid=job_uuid,
@@ -224,10 +277,13 @@ class KfpTrainerPostTraining:
         )
         data_config = training_config.data_config
         assert data_config is not None  # build_request checked it
-        await self._require_dataset(data_config.dataset_id, "dataset_id")
+        data_format = data_config.data_format.value
+        wanted = [("dataset", data_config.dataset_id)]
         if data_config.validation_dataset_id:
-            await self._require_dataset(data_config.validation_dataset_id, "validation_dataset_id")
+            wanted.append(("validation_dataset", data_config.validation_dataset_id))
+        plans = [await self._plan(field, dataset_id, data_format) for field, dataset_id in wanted]
 
+        digest = ingress.digest(request)
         record = {
             "job_uuid": job_uuid,
             "status": "scheduled",
@@ -235,67 +291,70 @@ class KfpTrainerPostTraining:
             "model": model,
             "dataset_id": data_config.dataset_id,
             "validation_dataset_id": data_config.validation_dataset_id,
+            "request_digest": digest,
+            "request": request,
+            "data_format": data_format,
+            "plans": [p.to_dict() for p in plans],
+            "datasets": {p.field: _dataset_view(p) for p in plans},
+            "phase": STAGING,
+            # The distributed-tracing extension: the handler continues this span's trace.
+            "trace": tracing.carrier(),
         }
         if not await self._store.create(record):
-            raise ValueError(
-                f"job_uuid {job_uuid!r} is already used by another job; pick a new one"
-            )
+            return await self._again(job_uuid, digest)
+        if any(p.delivery == "staged" for p in plans):
+            await self._background.start(job_uuid, self._submission.run(job_uuid))
+            log.info("job accepted; staging its datasets", extra={"job_uuid": job_uuid})
+            return PostTrainingJob(job_uuid=job_uuid)
+        # Every dataset by reference: nothing to wait for, so the handler answers this call.
+        for p in plans:
+            request[p.field] = {"uri": p.uri, "format": p.format, "dataset_id": p.dataset_id}
         try:
-            fmt = data_config.data_format.value
-            train = await self._stage(data_config.dataset_id, job_uuid, "train", fmt)
-            request["dataset"] = train.ref()
-            extra: dict[str, Any] = {"dataset": train.ref()}
-            if data_config.validation_dataset_id:
-                val = await self._stage(
-                    data_config.validation_dataset_id, job_uuid, "validation", fmt
-                )
-                request["validation_dataset"] = val.ref()
-                extra["validation_dataset"] = val.ref()
-            # The distributed-tracing extension: the handler continues this span's trace.
-            event = make_event(
-                JOB_REQUESTED, self.config.source, request, extensions=tracing.carrier()
-            )
-            updates = await asyncio.to_thread(self._transport.send, event)
+            await self._store.patch(job_uuid, {"phase": SUBMITTING})
+            await self._submission.submit(job_uuid, request, record["trace"])
         except BaseException:
             await self._store.delete(job_uuid)
             raise
-        await self._store.apply({"job_uuid": job_uuid, "status": "scheduled"}, extra)
-        for update in updates:
-            await self._store.apply(update)
-        log.info("job requested", extra={"job_uuid": job_uuid, "rows": train.rows})
         return PostTrainingJob(job_uuid=job_uuid)
 
-    async def _require_dataset(self, dataset_id: str, field: str) -> None:
-        try:
-            await self.datasets_api.get_dataset(dataset_id)
-        except ValueError:
-            raise ValueError(
-                f"training_config.data_config.{field}: dataset {dataset_id!r} is not registered; "
-                "register it first (client.datasets.register)"
-            ) from None
-
-    def _sink(self, job_uuid: str, name: str) -> Sink:
-        if self.config.mode == "remote":
-            from provider.s3stage import S3MultipartSink, dataset_key, s3_client
-
-            s3 = self.config.s3
-            return S3MultipartSink(
-                s3_client(s3),
-                s3.bucket,
-                dataset_key(s3, job_uuid, name),
-                s3.part_size_mb * 1024 * 1024,
-            )
-        return FileSink(self.config.state_path / "datasets" / job_uuid / f"{name}.jsonl")
-
-    async def _stage(self, dataset_id: str, job_uuid: str, name: str, fmt: str) -> StagedDataset:
-        sink = await asyncio.to_thread(self._sink, job_uuid, name)
-        return await stage_dataset(
-            self.datasetio_api,
-            dataset_id,
-            sink,
-            data_format=fmt,
-            page_size=self.config.dataset_page_size,
+    async def _again(self, job_uuid: str, digest: str) -> PostTrainingJob:
+        """The answer to a call for a job_uuid that exists: a client's retry of the same call
+        gets the first answer; other settings are refused."""
+        existing = await self._store.get(job_uuid) or {}
+        if existing.get("request_digest") == digest:
+            log.info("a retried request answered again", extra={"job_uuid": job_uuid})
+            return PostTrainingJob(job_uuid=job_uuid)
+        raise ValueError(
+            f"job_uuid {job_uuid!r}: a job with this job_uuid already exists with other "
+            "settings; send the same settings again to get that job, or pick a new job_uuid"
         )
+
+    async def _plan(self, field: str, dataset_id: str, data_format: str) -> DatasetPlan:
+        """How one dataset reaches the trainer, after every check that needs no reading.
+
+        :raises ValueError: not registered, the wrong purpose, a source that is not a file,
+            a bad row in sight (each naming the dataset id).
+        """
+        name = f"{field}_id"
+        try:
+            dataset = await self.datasets_api.get_dataset(dataset_id)
+        except ValueError:
+            dataset = None
+        if dataset is None:
+            raise ValueError(
+                f"training_config.data_config.{name}: dataset {dataset_id!r} is not registered; "
+                "register it first (client.datasets.register)"
+            )
+        require_purpose(dataset, name)
+        chosen = plan(
+            dataset,
+            field,
+            mode=self.config.mode,
+            roots=self._roots,
+            reader=self.config.dataset_reader,
+        )
+        await asyncio.to_thread(check_in_sight, dataset, chosen, data_format)
+        return chosen
 
     async def preference_optimize(
         self,
@@ -319,7 +378,11 @@ class KfpTrainerPostTraining:
             raise JobNotFound(
                 f"job {job_uuid!r} not found; GET /v1/post-training/jobs lists the known jobs"
             )
-        if self._transport.polls and not is_terminal(record):
+        if (
+            self._transport.polls
+            and not is_terminal(record)
+            and record.get("phase", SUBMITTED) == SUBMITTED
+        ):
             await self._refresh(job_uuid)
             record = await self._store.get(job_uuid) or record
         return record
@@ -338,12 +401,13 @@ class KfpTrainerPostTraining:
             scheduled_at=record.get("scheduled_at") or record.get("requested_at"),
             started_at=record.get("started_at"),
             completed_at=record.get("completed_at"),
-            resources_allocated=record.get("resources_allocated"),
+            resources_allocated=record.get("resources_allocated") or None,
             checkpoints=[to_checkpoint(c) for c in record.get("checkpoints") or []],
-            progress=record.get("progress"),
+            progress=job_progress(record),
             error=record.get("error") or record.get("handler_note"),
             dataset_rows=record.get("dataset_rows"),
             rows_without_trainable_tokens=record.get("rows_without_trainable_tokens"),
+            datasets=record.get("datasets"),
         )
 
     async def get_training_job_artifacts(self, job_uuid: str) -> PostTrainingJobArtifactsResponse:
@@ -361,6 +425,18 @@ class KfpTrainerPostTraining:
         if is_terminal(record):
             log.info("cancel of a finished job ignored", extra={"job_uuid": job_uuid})
             return None
+        if record.get("phase") in (STAGING, SUBMITTING):
+            # Marked in the store, where the staging task moves on to submitting only when
+            # no cancel is marked: the phase read here is the one that task acts on.
+            marked = await self._store.change(job_uuid, _mark_cancel) or record
+            if marked.get("phase") == STAGING:
+                if not await self._background.cancel(job_uuid):
+                    await self._submission.end(job_uuid, "cancelled", None)
+                return None
+            await self._background.wait(job_uuid)  # a job.requested in flight: let it land
+            record = await self._store.get(job_uuid) or record
+            if is_terminal(record):
+                return None
         event = make_event(
             JOB_CANCEL_REQUESTED,
             self.config.source,

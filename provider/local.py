@@ -89,6 +89,10 @@ class LocalTransport:
             what=f"{event.get_type()} for job {event.get_subject()!r} to the in-process handler",
         )
 
+    def publish(self, event: Any) -> None:
+        """Through the in-process handler's outbox: to its sink and to this provider."""
+        self._running().publish(event)
+
     def job(self, job_uuid: str) -> Update | None:
         return self._running().job(job_uuid)
 

@@ -87,6 +87,10 @@ class RemoteTransport:
             what=f"{event.get_type()} for job {event.get_subject()!r} to {config.broker_url}",
         )
 
+    def publish(self, event: Any) -> None:
+        """To the broker, which routes job.* events to their subscribers as the handler's."""
+        self.send(event)
+
     def problems(self) -> list[str]:
         url = f"{self._config.handler_url.rstrip('/')}/readyz"
         try:

@@ -5,9 +5,9 @@ provider's memory still stages. Keys follow ``<prefix>/datasets/<job_uuid>/<name
 layout the remote pipeline reads from.
 
 S3 failures are told apart as pipelines.storage tells them (one classification): S3 not
-answering or saying "not now" is :class:`S3Unavailable`, a ``TimeoutError`` (llama-stack answers
-504 with the message: retry), anything else is :class:`S3Refused`, a ``ValueError`` (400 with
-the message: the provider's S3 settings need fixing). Either way nothing was submitted.
+answering or saying "not now" is :class:`S3Unavailable` (fine-tune again later), anything else
+is :class:`S3Refused` (the provider's S3 settings need fixing). Staging runs after the call
+returned, so either ends the job ``failed`` with that message; nothing was submitted.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def staging_error(uri: str, exc: BaseException) -> S3Unavailable | S3Refused:
     if is_transient(exc):
         return S3Unavailable(
             f"S3 did not answer while staging the dataset to {uri} ({describe(exc)}); "
-            "nothing was submitted, retry the request"
+            "nothing was submitted; fine-tune again once S3 answers"
         )
     return S3Refused(
         f"S3 refused the dataset upload to {uri} ({describe(exc)}); check the provider's s3 "

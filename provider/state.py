@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
-from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 from llama_stack.apis.common.job_types import JobStatus
 from llama_stack.providers.utils.kvstore import KVStore, KVStoreConfig, kvstore_impl
+
+from handler.contract import now_iso  # the one timestamp format, the handler's too
 
 KEY_PREFIX: Final = "kfp-trainer:job:"
 # Fields an event or a GET /jobs answer may update; anything else in a record is ours.
@@ -63,10 +64,6 @@ def _rank(status: JobStatus) -> int:
 
 def is_terminal(record: dict[str, Any]) -> bool:
     return _rank(to_job_status(record["status"])) == 2
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat()
 
 
 def merge(record: dict[str, Any] | None, update: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +180,18 @@ class JobStore:
             await self._put(record)
             return record
 
+    async def _change(
+        self, job_uuid: str, change: Callable[[dict[str, Any]], object]
+    ) -> dict[str, Any] | None:
+        assert self._lock is not None
+        async with self._lock:
+            record = await self._get(job_uuid)
+            if record is None:
+                return None
+            change(record)
+            await self._put(record)
+            return record
+
     async def _delete(self, job_uuid: str) -> None:
         assert self._kv is not None and self._lock is not None
         async with self._lock:
@@ -212,6 +221,16 @@ class JobStore:
     ) -> dict[str, Any]:
         """Merge a status update (see :func:`merge`); ``extra`` sets provider-own fields."""
         return await self._call(self._apply(update, extra))
+
+    async def patch(self, job_uuid: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """Set provider-own fields of a record (no state change); None when there is none."""
+        return await self._call(self._change(job_uuid, lambda record: record.update(fields)))
+
+    async def change(
+        self, job_uuid: str, change: Callable[[dict[str, Any]], object]
+    ) -> dict[str, Any] | None:
+        """Apply ``change`` to the record in place, atomically; None when there is none."""
+        return await self._call(self._change(job_uuid, change))
 
     async def delete(self, job_uuid: str) -> None:
         await self._call(self._delete(job_uuid))

@@ -69,6 +69,14 @@ class Transport(Protocol):
         """
         ...
 
+    def publish(self, event: Any) -> None:
+        """Emit a job.* event the provider itself decided (a job that ended before it reached
+        the handler), to where the handler's own events go.
+
+        :raises DeliveryFailed: not delivered after the configured attempts.
+        """
+        ...
+
     def job(self, job_uuid: str) -> Update | None:
         """The handler's job.status.json view of a job, or None when it does not know it."""
         ...

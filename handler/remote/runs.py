@@ -130,14 +130,16 @@ class KfpRuns:
 
     @staticmethod
     def check(request: dict[str, Any]) -> None:
-        """Artifacts must be where a pod can read them: S3, not this machine's disk.
+        """Artifacts must be where a pod can read them: S3 (datasets also https://), not this
+        machine's disk.
 
         :raises BackendRejected: naming each field that is not an s3:// URI.
         """
         problems = []
         for field in ("model_artifact", "dataset", "validation_dataset"):
             uri = (request.get(field) or {}).get("uri")
-            if uri and not uri.startswith("s3://"):
+            readable = ("s3://",) if field == "model_artifact" else ("s3://", "https://")
+            if uri and not uri.startswith(readable):
                 problems.append(
                     f"{field}.uri {uri!r} is not an s3:// URI; remote runs read artifacts "
                     "from S3 (upload models with `kfp-trainer upload-model`)"

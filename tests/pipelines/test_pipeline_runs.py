@@ -228,7 +228,7 @@ def test_failed_run_notifies_and_records_the_error(
     result = RunResult.read(tmp_path / "result" / "result.json")
     assert result.status == "failed" and not result.checkpoints
     assert result.error.startswith(
-        "dataset train.jsonl line 1: missing field 'chat_completion_input'"
+        "dataset 'train.jsonl' row 0: missing field 'chat_completion_input'"
     )
     assert not (tmp_path / "result" / "checkpoints").exists()
     assert handler.got[-1][1]["state"] == "FAILED"

@@ -156,7 +156,7 @@ _DELETE = object()
             r"dataset\.uri: file '/nowhere/train\.jsonl' "
             r"does not exist",
         ),
-        ("dataset.uri", "https://example.com/x.jsonl", r"dataset\.uri: .* unsupported scheme"),
+        ("dataset.uri", "ftp://example.com/x.jsonl", r"dataset\.uri: .* unsupported scheme"),
         ("model_artifact.uri", "/nowhere/model", r"model_artifact\.uri: file '/nowhere/model'"),
         ("training_config.n_epochs", 0, r"training_config\.n_epochs: 0 must be >= 1"),
         ("training_config.data_config.batch_size", 0, r"data_config\.batch_size: 0 must be"),
@@ -774,14 +774,37 @@ def _train_task(tmp_path: Path, request: dict, **kw: str) -> dict:
     )
 
 
+def test_train_task_refuses_a_uri_outside_its_roots_before_opening_it(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    import os
+
+    from pipelines.component_impl import TrainingFailed
+    from pipelines.roots import Roots
+
+    fifo = tmp_path / "outside" / "train.jsonl"  # opening a FIFO would hang this test
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    request = make_request("job-roots", str(tiny_model), str(fifo))
+    roots = Roots.of([str(tmp_path / "state"), str(tiny_model.parent)])
+    with pytest.raises(
+        TrainingFailed, match=r"^dataset\.uri: '.*/outside/train\.jsonl' is outside"
+    ):
+        _train_task(tmp_path, request, allowed_roots=roots.to_json())
+
+
 @pytest.mark.parametrize(
     ("ref", "message"),
     [
-        ({"rows": 7}, r"^dataset\.rows: the request says 7 rows, train\.jsonl has 5$"),
         (
-            {"sha256": "0" * 64},
-            r"^dataset\.sha256: train\.jsonl has sha256 [0-9a-f]{64}, the "
-            r"request says 0{64}$",
+            {"rows": 7},
+            r"^dataset\.rows: the request says 7 rows, dataset 'train\.jsonl' \(/.*/train\.jsonl\) "
+            r"has 5$",
+        ),
+        (
+            {"sha256": "0" * 64, "dataset_id": "my-set"},
+            r"^dataset\.sha256: dataset 'my-set' \(/.*/train\.jsonl\) has sha256 [0-9a-f]{64}, "
+            r"the request says 0{64}$",
         ),
     ],
 )

@@ -61,6 +61,11 @@ def test_train_names_a_missing_dataset_file(tmp_path, capsys) -> None:
     [
         ("scheduled", None, "[" + "." * 30 + "]  step 0/?  scheduled  0s"),
         (
+            "scheduled",
+            {"phase": "staging", "rows_staged": 12500, "bytes_staged": 10},
+            "[" + "." * 30 + "]  step 0/?  staging: 12,500 rows  scheduled  4s",
+        ),
+        (
             "in_progress",
             {"step": 3, "total_steps": 12, "epoch": 0, "loss": 2.71828},
             "[" + "#" * 7 + "." * 23 + "]  step 3/12  epoch 0  loss 2.718  in_progress  4s",

@@ -388,10 +388,10 @@ def test_unknown_job_is_a_clear_client_error(stack) -> None:
     assert stack.healthy()
 
 
-def test_duplicate_job_uuid_is_refused(stack, trained) -> None:
+def test_a_job_uuid_in_use_with_other_settings_is_refused(stack, trained) -> None:
     from llama_stack_client import BadRequestError
 
-    with pytest.raises(BadRequestError, match="'job-a' is already used"):
+    with pytest.raises(BadRequestError, match="'job-a': a job with this job_uuid already exists"):
         _client(stack).with_options(max_retries=0).post_training.supervised_fine_tune(
             job_uuid="job-a",
             model="llama3.2-tiny",

@@ -82,7 +82,14 @@ def test_a_failed_staging_aborts_the_upload(s3_endpoint) -> None:
     sink = S3MultipartSink(client, cfg.bucket, "k/train.jsonl", 5 * MIB)
     with pytest.raises(DatasetError, match="row 6500"):
         asyncio.run(
-            stage_dataset(RowsDatasetIO(rows), "bad", sink, data_format="instruct", page_size=500)
+            stage_dataset(
+                RowsDatasetIO(rows),
+                "bad",
+                sink,
+                data_format="instruct",
+                page_size=500,
+                page_max=500,  # pages of 500: a part is up before row 6500 is read
+            )
         )
     assert sink.parts_uploaded >= 1
     assert client.list_multipart_uploads(Bucket=cfg.bucket).get("Uploads", []) == []
@@ -111,6 +118,7 @@ def _stage(sink, rows, page_size=500, datasetio=None):
             sink,
             data_format="instruct",
             page_size=page_size,
+            page_max=page_size,
         )
     )
 
@@ -126,7 +134,7 @@ def test_s3_down_while_staging_is_a_retryable_timeout_naming_the_uri() -> None:
         "S3 did not answer while staging the dataset to "
         "s3://datasets/team/pt/datasets/j/train.jsonl (EndpointConnectionError"
     )
-    assert message.endswith("nothing was submitted, retry the request")
+    assert message.endswith("nothing was submitted; fine-tune again once S3 answers")
 
 
 @pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError")])

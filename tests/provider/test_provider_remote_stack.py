@@ -78,6 +78,16 @@ def _fine_tune(client, job_uuid: str) -> None:
     )
 
 
+def _posted(broker: LoopbackServer, count: int, timeout_s: float = 30.0) -> list[Received]:
+    """The broker's first ``count`` requests, once that many arrived (staging runs behind the
+    call)."""
+    deadline = time.monotonic() + timeout_s
+    while len(broker.received) < count:
+        assert time.monotonic() < deadline, broker.received
+        time.sleep(0.05)
+    return broker.received[:count]
+
+
 def _wait(client, job_uuid: str, want: str, timeout_s: float = 30.0):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -98,7 +108,8 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
 
     def broker_reply(request: Received) -> Scripted:
         data = json.loads(request.body)
-        if data["job_uuid"] == "r-bad":
+        kind = {k.lower(): v for k, v in request.headers.items()}["ce-type"]
+        if data["job_uuid"] == "r-bad" and kind.endswith(".job.requested"):
             return Scripted(400, b'{"error":"rejected","message":"model artifact not found"}')
         return Scripted(202)
 
@@ -135,10 +146,10 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
             client = connect(server.url, timeout=30).with_options(max_retries=0)
             _register_train(client, tmp_path, 30)
 
-            # 1. job.requested: dataset streamed to S3, event POSTed in binary mode
+            # 1. job.requested: dataset streamed to S3 behind the call, then POSTed in binary mode
             views["r-1"] = {"job_uuid": "r-1", "status": "scheduled"}
             _fine_tune(client, "r-1")
-            (posted,) = broker.received
+            (posted,) = _posted(broker, 1)
             headers = {k.lower(): v for k, v in posted.headers.items()}
             assert posted.path == "/ns/default"
             assert headers["ce-type"] == "io.llamastack.posttraining.job.requested"
@@ -198,6 +209,7 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
             # 3. cancel emits job.cancel.requested; the handler's answer makes it cancelled
             views["r-3"] = {"job_uuid": "r-3", "status": "in_progress"}
             _fine_tune(client, "r-3")
+            _posted(broker, 2)  # staged and submitted: the handler has it
             client.post_training.job.cancel(job_uuid="r-3")
             cancel = broker.received[-1]
             assert {k.lower(): v for k, v in cancel.headers.items()}["ce-type"] == (
@@ -207,12 +219,16 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
             views["r-3"] = {"job_uuid": "r-3", "status": "cancelled"}
             assert _wait(client, "r-3", "cancelled").status == "cancelled"
 
-            # 4. the broker refuses: a client error with its reason, no job left behind
-            from llama_stack_client import BadRequestError
-
-            with pytest.raises(BadRequestError, match="model artifact not found"):
-                _fine_tune(client, "r-bad")
-            assert "r-bad" not in [j.job_uuid for j in client.post_training.job.list()]
+            # 4. the broker refuses, after staging: the job fails with its reason, and the
+            #    provider announces that (job.failed, to the broker)
+            _fine_tune(client, "r-bad")
+            refused = _wait(client, "r-bad", "failed")
+            assert refused.error == "model artifact not found"
+            failed = _posted(broker, 5)[-1]
+            assert {k.lower(): v for k, v in failed.headers.items()}["ce-type"] == (
+                "io.llamastack.posttraining.job.failed"
+            )
+            assert json.loads(failed.body)["error"] == "model artifact not found"
 
             # 5. accepted by the broker, unknown to the handler (a 404, then a 503 outage):
             # never ended on that alone; the status says so and moves on once the handler knows
@@ -234,6 +250,7 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
             # 6. the handler goes away: status still answers from the provider's own copy
             views["r-4"] = {"job_uuid": "r-4", "status": "scheduled"}
             _fine_tune(client, "r-4")
+            _posted(broker, 7)
         finally:
             server.stop()
     server.start()  # broker and handler are gone now
@@ -248,16 +265,16 @@ def test_remote_mode_stages_to_s3_posts_events_and_reads_the_handler(s3_endpoint
             "r-3": "cancelled",
             "r-2": "failed",  # from the handler's answer, not from a 404
             "r-4": "scheduled",
+            "r-bad": "failed",
         }
         assert server.healthy()
     finally:
         server.stop()
 
 
-def test_s3_down_while_staging_is_a_504_naming_s3_and_leaves_no_job(tmp_path) -> None:
-    """The user sees why (S3 did not answer) and that retrying is right; nothing is submitted."""
-    from llama_stack_client import APIStatusError
-
+def test_s3_down_while_staging_fails_the_job_naming_s3(tmp_path) -> None:
+    """The user sees why (S3 did not answer) and that submitting again is right; nothing was
+    submitted to the handler."""
     from provider.client import connect
 
     with LoopbackServer([Scripted(202)]) as broker:
@@ -274,12 +291,16 @@ def test_s3_down_while_staging_is_a_504_naming_s3_and_leaves_no_job(tmp_path) ->
         try:
             client = connect(server.url, timeout=60).with_options(max_retries=0)
             _register_train(client, tmp_path, 5)
-            with pytest.raises(APIStatusError) as err:
-                _fine_tune(client, "s3-down-1")
-            assert err.value.status_code == 504
-            assert "S3 did not answer while staging the dataset to s3://ptrain/" in str(err.value)
-            assert "retry the request" in str(err.value)
-            assert broker.received == []  # no event went out
-            assert client.post_training.job.list() == []
+            _fine_tune(client, "s3-down-1")
+            failed = _wait(client, "s3-down-1", "failed", timeout_s=120)
+            assert failed.error.startswith(
+                "S3 did not answer while staging the dataset to "
+                "s3://ptrain/llama-stack-post-training/datasets/s3-down-1/train.jsonl ("
+            ), failed.error
+            assert failed.error.endswith("nothing was submitted; fine-tune again once S3 answers")
+            types = [
+                {k.lower(): v for k, v in r.headers.items()}["ce-type"] for r in broker.received
+            ]
+            assert types == ["io.llamastack.posttraining.job.failed"]  # no job.requested
         finally:
             server.stop()

@@ -1,4 +1,5 @@
-"""Dataset staging reads every row through llama-stack's real localfs datasetio, page by page."""
+"""Dataset staging: every row through llama-stack's real localfs datasetio in pages that grow,
+or straight from a local file; written page by page, progress after each page."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from llama_stack.providers.inline.datasetio.localfs.config import LocalFSDataset
 from llama_stack.providers.inline.datasetio.localfs.datasetio import LocalFSDatasetIOImpl
 from llama_stack.providers.utils.kvstore.config import SqliteKVStoreConfig
 
-from provider.staging import DatasetError, FileSink, stage_dataset
+from provider.staging import DatasetError, FileSink, PageSizes, stage_dataset, stage_file
 
 
 class CountingDatasetIO:
@@ -65,27 +66,69 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def test_every_row_of_a_csv_is_staged_across_pages(tmp_path) -> None:
-    rows = _rows(23)
+def test_every_row_of_a_csv_is_staged_in_pages_that_grow(tmp_path) -> None:
+    rows = _rows(230)
     source = {"type": "uri", "uri": str(_write_csv(tmp_path / "train.csv", rows))}
+    progress: list[tuple[int, int]] = []
+
+    async def on_page(staged_rows: int, size: int) -> None:
+        progress.append((staged_rows, size))
 
     async def go():
         io = await _datasetio(tmp_path, {"train": source})
         out = tmp_path / "stage" / "train.jsonl"
         staged = await stage_dataset(
-            io, "train", FileSink(out), data_format="instruct", page_size=5
+            io,
+            "train",
+            FileSink(out),
+            data_format="instruct",
+            page_size=5,
+            page_max=80,
+            on_page=on_page,
         )
         return io, out, staged
 
     io, out, staged = asyncio.run(go())
-    assert staged.rows == 23
+    assert staged.rows == 230
     assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == rows
     assert staged.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
     assert staged.size == out.stat().st_size
     assert staged.uri == str(out)
-    assert io.calls == [(0, 5), (5, 5), (10, 5), (15, 5), (20, 5)]
-    assert staged.ref() == {"uri": str(out), "format": "jsonl", "rows": 23, "sha256": staged.sha256}
+    # 5, then x4 up to the ceiling: the first bad row would be found in the first 5
+    assert io.calls == [(0, 5), (5, 20), (25, 80), (105, 80), (185, 80)]
+    assert [p[0] for p in progress] == [5, 25, 105, 185, 230]
+    assert progress[-1][1] == staged.size
+    assert staged.ref() == {
+        "uri": str(out),
+        "format": "jsonl",
+        "rows": 230,
+        "sha256": staged.sha256,
+    }
     assert not list(out.parent.glob("*.part"))
+
+
+def test_page_sizes() -> None:
+    from itertools import islice
+
+    assert list(islice(PageSizes(100, 100_000), 7)) == [100, 400, 1600, 6400, 25600, 100_000] + [
+        100_000
+    ]
+    assert list(islice(PageSizes(-1, 10), 2)) == [-1, -1]  # everything in one iterrows call
+    assert list(islice(PageSizes(500, 10), 2)) == [500, 500]  # the first is never cut
+
+
+def test_one_page_of_everything_is_llama_stacks_own_way(tmp_path) -> None:
+    source = {"type": "uri", "uri": str(_write_csv(tmp_path / "t.csv", _rows(30)))}
+
+    async def go():
+        io = await _datasetio(tmp_path, {"t": source})
+        staged = await stage_dataset(
+            io, "t", FileSink(tmp_path / "t.jsonl"), data_format="instruct", page_size=-1
+        )
+        return io, staged
+
+    io, staged = asyncio.run(go())
+    assert (io.calls, staged.rows) == ([(0, -1)], 30)
 
 
 def test_inline_rows_with_a_missing_cell_name_the_row_and_column(tmp_path) -> None:
@@ -95,7 +138,10 @@ def test_inline_rows_with_a_missing_cell_name_the_row_and_column(tmp_path) -> No
     async def go():
         io = await _datasetio(tmp_path, {"inline": {"type": "rows", "rows": rows}})
         out = tmp_path / "x.jsonl"
-        with pytest.raises(DatasetError, match=r"row 2 has no 'expected_answer'"):
+        with pytest.raises(
+            DatasetError,
+            match=r"^dataset 'inline' row 2: 'expected_answer' is empty; data_format 'instruct'",
+        ):
             await stage_dataset(io, "inline", FileSink(out), data_format="instruct", page_size=3)
         return out
 
@@ -104,10 +150,74 @@ def test_inline_rows_with_a_missing_cell_name_the_row_and_column(tmp_path) -> No
     assert not list(tmp_path.glob("*.part"))
 
 
+def test_a_source_datasetio_cannot_read_names_the_dataset_and_the_source(tmp_path) -> None:
+    """localfs raises whatever pandas raises (here: no such file); the job's error says where."""
+    missing = tmp_path / "gone.csv"
+    source = {"type": "uri", "uri": str(missing)}
+
+    async def go():
+        io = await _datasetio(tmp_path, {"gone": source})
+        with pytest.raises(DatasetError) as info:
+            await stage_dataset(
+                io,
+                "gone",
+                FileSink(tmp_path / "g.jsonl"),
+                data_format="instruct",
+                page_size=3,
+                source=repr(str(missing)),
+            )
+        return str(info.value)
+
+    message = asyncio.run(go())
+    assert message.startswith(
+        f"dataset 'gone' ('{missing}'): datasetio could not read rows from row 0 on: "
+        "FileNotFoundError:"
+    )
+
+
+def test_a_local_file_is_read_here_every_cell_as_text(tmp_path) -> None:
+    rows = _rows(25_000)
+    rows[3]["expected_answer"] = "007"
+    rows[4]["expected_answer"] = "NA"
+    path = _write_csv(tmp_path / "t.csv", rows)
+    progress: list[int] = []
+
+    async def on_page(staged_rows: int, size: int) -> None:
+        progress.append(staged_rows)
+
+    out = tmp_path / "t.jsonl"
+    staged = asyncio.run(
+        stage_file(
+            path, "csv", "t", FileSink(out), data_format="instruct", page_size=100, on_page=on_page
+        )
+    )
+    assert staged.rows == 25_000
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == rows
+    assert progress == [100, 500, 2100, 8500, 18500, 25000]  # growing, at most 10,000 a page
+
+
+def test_a_bad_row_in_a_local_file_is_named_by_dataset_row_and_column(tmp_path) -> None:
+    rows = _rows(3000)
+    rows[2500]["chat_completion_input"] = "plain text"
+    path = _write_csv(tmp_path / "t.csv", rows)
+    with pytest.raises(DatasetError, match=r"^dataset 'big' row 2500: chat_completion_input is"):
+        asyncio.run(
+            stage_file(
+                path,
+                "csv",
+                "big",
+                FileSink(tmp_path / "o.jsonl"),
+                data_format="instruct",
+                page_size=100,
+            )
+        )
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_dialog_format_needs_a_dialog_column(tmp_path) -> None:
     async def go():
         io = await _datasetio(tmp_path, {"d": {"type": "rows", "rows": _rows(2)}})
-        with pytest.raises(DatasetError, match="needs columns dialog"):
+        with pytest.raises(DatasetError, match=r"row 0: missing field 'dialog'"):
             await stage_dataset(
                 io, "d", FileSink(tmp_path / "d.jsonl"), data_format="dialog", page_size=10
             )

@@ -205,12 +205,11 @@ def test_s3_refusing_the_train_tasks_writes_is_job_failed_naming_the_refusal(wor
     assert "Inner task failed" not in error
 
 
-def test_provider_status_turns_completed_through_llama_stack(world, tmp_path):
-    """llama-stack SDK -> provider (remote) -> handler -> KFP -> provider status completed."""
-    from provider.client import connect
+def _remote_stack(world, tmp_path):
+    """``llama stack run`` in remote mode against this world's handler (the broker's place)."""
     from provider.launcher import StackServer
 
-    stack = StackServer(
+    return StackServer(
         {
             "KFP_TRAINER_MODE": "remote",
             "KFP_TRAINER_STATE_DIR": str(tmp_path / "stack-state"),
@@ -223,6 +222,13 @@ def test_provider_status_turns_completed_through_llama_stack(world, tmp_path):
         },
         tmp_path,
     )
+
+
+def test_provider_status_turns_completed_through_llama_stack(world, tmp_path):
+    """llama-stack SDK -> provider (remote) -> handler -> KFP -> provider status completed."""
+    from provider.client import connect
+
+    stack = _remote_stack(world, tmp_path)
     stack.start()
     try:
         client = connect(stack.url, timeout=30)
@@ -267,6 +273,70 @@ def test_provider_status_turns_completed_through_llama_stack(world, tmp_path):
             assert secret not in stack_log
     finally:
         stack.stop()
+
+
+def test_an_s3_dataset_is_passed_by_reference_and_never_uploaded_again(world, tmp_path):
+    """llama-stack SDK -> provider (remote) -> handler -> KFP: the registered s3:// CSV is the
+    run's dataset itself; the train task reads it there, every cell as written."""
+    import hashlib
+
+    import boto3
+
+    from provider.client import connect
+
+    lines = ["chat_completion_input,expected_answer"]
+    for i in range(20):
+        lines.append(f'"[{{""role"": ""user"", ""content"": ""Agent {i}?""}}]",00{i % 10}')
+    body = ("\n".join(lines) + "\n").encode()
+    key = f"{fx.PREFIX}/corpora/agents.csv"
+    boto3.client("s3", endpoint_url=world.remote.s3_endpoint_url).put_object(
+        Bucket=world.remote.s3_bucket, Key=key, Body=body
+    )
+    uri = f"s3://{world.remote.s3_bucket}/{key}"
+    stack = _remote_stack(world, tmp_path)
+    stack.start()
+    try:
+        client = connect(stack.url, timeout=30)
+        client.datasets.register(
+            purpose="post-training/messages",
+            source={"type": "uri", "uri": uri},
+            dataset_id="agents",
+        )
+        training = job_request(world, "unused")["training_config"]
+        training["data_config"]["dataset_id"] = "agents"
+        client.post_training.supervised_fine_tune(
+            job_uuid="e2e-by-ref",
+            model="llama3.2-tiny",
+            training_config=training,
+            algorithm_config=job_request(world, "unused")["algorithm_config"],
+            hyperparam_search_config={},
+            logger_config={},
+        )
+        first = client.post_training.job.status(job_uuid="e2e-by-ref").to_dict()
+        assert first["datasets"]["dataset"]["delivery"] == "by_reference", first
+
+        def done():
+            status = client.post_training.job.status(job_uuid="e2e-by-ref")
+            return status if status.status in ("completed", "failed", "cancelled") else None
+
+        status = wait_for(done, RUN_TIMEOUT_S, "the provider's status to end", every=1.0)
+        assert status.status == "completed", (status, stack.tail())
+        assert status.dataset_rows == 20
+    finally:
+        stack.stop()
+    assert fx.list_keys(world.remote, f"{fx.PREFIX}/datasets/e2e-by-ref/") == []  # no copy
+    (run,) = world.runs_named("e2e-by-ref")
+    assert run["runtime_config"]["parameters"]["dataset_uri"] == uri
+    manifest = json.loads(
+        boto3.client("s3", endpoint_url=world.remote.s3_endpoint_url)
+        .get_object(Bucket=world.remote.s3_bucket, Key=f"{fx.PREFIX}/jobs/e2e-by-ref/result.json")[
+            "Body"
+        ]
+        .read()
+    )
+    read = manifest["datasets"]["dataset"]
+    assert (read["uri"], read["format"], read["rows"]) == (uri, "csv", 20)
+    assert read["sha256"] == hashlib.sha256(body).hexdigest()
 
 
 def test_no_secret_value_in_ir_logs_or_events(world):
