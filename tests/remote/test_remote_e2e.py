@@ -302,13 +302,13 @@ def test_an_s3_dataset_is_passed_by_reference_and_never_uploaded_again(world, tm
             source={"type": "uri", "uri": uri},
             dataset_id="agents",
         )
-        training = job_request(world, "unused")["training_config"]
+        training = world.request("unused")["training_config"]
         training["data_config"]["dataset_id"] = "agents"
         client.post_training.supervised_fine_tune(
             job_uuid="e2e-by-ref",
             model="llama3.2-tiny",
             training_config=training,
-            algorithm_config=job_request(world, "unused")["algorithm_config"],
+            algorithm_config=world.request("unused")["algorithm_config"],
             hyperparam_search_config={},
             logger_config={},
         )
