@@ -249,7 +249,11 @@ def _train(
         events_config = TaskEventsConfig.from_json(task_events)
         if events_config is not None:
             announcer = TaskEvents(
-                events_config, job_uuid, run_id, token=bearer_for(token_audience)
+                events_config,
+                job_uuid,
+                run_id,
+                token=bearer_for(token_audience),
+                trace=tracing.carrier(),
             )
             announcer.started()
         request = json.loads(request_json)

@@ -138,7 +138,7 @@ def _configure_train(task: Any, settings: PipelineSettings) -> None:
         )
     if settings.s3_endpoint_url:
         task.set_env_variable("S3_ENDPOINT_URL", settings.s3_endpoint_url)
-    for name, value in settings.trainer.task_env().items():
+    for name, value in {**settings.trainer.task_env(), **settings.telemetry_env}.items():
         task.set_env_variable(name, value)
     for key, value in settings.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
@@ -203,6 +203,8 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
         ).set_caching_options(False)
         notify.set_display_name(NOTIFY_TASK)
         _pod_identity_env(notify)
+        for name, value in settings.telemetry_env.items():  # its span joins the job's trace
+            notify.set_env_variable(name, value)
         if settings.image_pull_secrets:
             kubernetes.set_image_pull_secrets(notify, list(settings.image_pull_secrets))
         with dsl.ExitHandler(notify, name="finetune"):

@@ -25,6 +25,16 @@ MODEL_CACHE_MOUNT: Final = "/var/cache/kfp-trainer"
 # How long the exit task retries its run-finished notice (pipelines/notify.py): longer than
 # two PingSource periods, so a handler replaced meanwhile still learns of the run.
 NOTIFY_WINDOW_S: Final = 300.0
+# OpenTelemetry's variables that the deployment's environment hands on to the pipeline's tasks,
+# so their spans reach the same collector under the same sampling. Not OTEL_SERVICE_NAME: the
+# tasks name themselves (kfp-trainer-train, kfp-trainer-notify) rather than take the handler's
+# name. Not OTEL_EXPORTER_OTLP_HEADERS: it may hold a credential, and the IR is no secret.
+TASK_OTEL_VARS: Final = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+)
 
 
 class SettingsError(ValueError):
@@ -148,6 +158,7 @@ class PipelineSettings:
     # empty: no token (pipelines/sa_token.py).
     token_audience: str = ""
     trainer: TrainerSettings = field(default_factory=TrainerSettings)  # KFP_TRAINER_COMPILE, ...
+    telemetry_env: dict[str, str] = field(default_factory=dict)  # TASK_OTEL_VARS that are set
 
     def __post_init__(self) -> None:
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
@@ -196,6 +207,7 @@ class PipelineSettings:
             cache_dir=Path(cache).expanduser() if cache else DEFAULT_CACHE_DIR,
             token_audience=env.get("KFP_TRAINER_TOKEN_AUDIENCE", "").strip(),
             trainer=TrainerSettings.from_env(env),
+            telemetry_env={name: env[name] for name in TASK_OTEL_VARS if env.get(name)},
         )
 
 
@@ -218,7 +230,7 @@ ENV_VARS: Final = (
     "KFP_TRAINER_TOKEN_AUDIENCE",
     "KFP_TRAINER_COMPILE",
     "KFP_TRAINER_MAX_GRAD_NORM",
-)
+)  # and TASK_OTEL_VARS, OpenTelemetry's own (unset: no tracing), which knative/ leaves out
 
 __all__ = [
     "CHECKPOINT_FORMATS",
@@ -226,5 +238,6 @@ __all__ = [
     "CheckpointFormat",
     "PipelineSettings",
     "SettingsError",
+    "TASK_OTEL_VARS",
     "TrainerSettings",
 ]

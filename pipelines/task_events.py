@@ -9,7 +9,8 @@ fills the job.status.json fields it knows (job_uuid, status, run_id, progress).
 
 Delivery is best effort and never slows training: one background thread sends the newest
 record, a newer step replaces an unsent older one (it says more), and every POST and PUT is
-bounded. Consumers dedupe by ``source`` + ``id``, so a repeated event is harmless.
+bounded. Consumers dedupe by ``source`` + ``id``, so a repeated event is harmless. Every event
+carries the job's trace (the distributed-tracing extension's ``traceparent``/``tracestate``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -71,12 +73,15 @@ class TaskEvents:
         run_id: str,
         *,
         token: AudienceToken | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> None:
-        """:param token: the bearer token every POST carries (None: no Authorization header)."""
+        """:param token: the bearer token every POST carries (None: no Authorization header).
+        :param trace: the W3C trace context every event carries (the train span's)."""
         self.config = config
         self._token = token
         self.job_uuid = job_uuid
         self.run_id = run_id
+        self.trace = {k: v for k, v in (trace or {}).items() if v}
         self._cond = threading.Condition()
         self._started = False  # job.started waiting to be sent
         self._latest: dict[str, Any] | None = None  # newest progress not yet sent
@@ -153,6 +158,7 @@ class TaskEvents:
             "ce-id": event_id,
             "ce-subject": self.job_uuid,
             "content-type": "application/json",
+            **{f"ce-{k}": v for k, v in self.trace.items()},
         }
         for attempt in range(1, ATTEMPTS + 1):
             try:

@@ -45,6 +45,13 @@ def is_ours(run: Any) -> bool:
     return bool(_JOB_UUID.match(name)) and parameters(run).get("job_uuid") == name
 
 
+def run_trace(run: Any) -> dict[str, str]:
+    """The job's W3C trace context: the run's ``traceparent``/``tracestate`` parameters, which
+    is how a handler that keeps nothing continues a job's trace when its run ends."""
+    params = parameters(run)
+    return {k: str(params[k]) for k in contract.TRACE_ATTRIBUTES if params.get(k)}
+
+
 def request_digest(run: Any) -> str | None:
     """The digest of the job.requested that made the run ("" or None: made before digests)."""
     return parameters(run).get("request_digest") or None
@@ -290,4 +297,4 @@ class KfpRuns:
         return [r for r in runs if is_ours(r)], next_token
 
 
-__all__ = ["TERMINAL_STATES", "KfpRuns", "is_ours", "parameters", "request_digest"]
+__all__ = ["TERMINAL_STATES", "KfpRuns", "is_ours", "parameters", "request_digest", "run_trace"]

@@ -24,7 +24,7 @@ from handler.contract import JobStatus
 from handler.errors import BadRequest, error_reply
 from handler.remote import reconcile, s3
 from handler.remote.outcome import Notice, kfp_time
-from handler.remote.runs import KfpRuns, request_digest
+from handler.remote.runs import KfpRuns, request_digest, run_trace
 from handler.reply import Reply, event_reply, json_reply
 from handler.services import JobsPage
 from handler.settings import HandlerSettings, check_ce_overrides
@@ -56,13 +56,12 @@ class RemoteService:
             event = ingress.decode(message, max_body_bytes=self.settings.max_body_bytes)
             match event.type:
                 case contract.JOB_REQUESTED:
-                    with self._span("job.requested", event):
+                    with self.job_span("job.requested", event.data["job_uuid"], event.trace):
                         return self.requested(event.data)
                 case contract.JOB_CANCEL_REQUESTED:
-                    return self.cancel_requested(event.data)
+                    return self.cancel_requested(event.data, event.trace)
                 case contract.RUN_FINISHED:
-                    with self._span("run.finished", event):
-                        return self.run_finished(event.data)
+                    return self.run_finished(event.data, event.trace)
                 case _:
                     return self.ping()
         except Exception as exc:
@@ -85,40 +84,43 @@ class RemoteService:
                 return event_reply(self._scheduled(run))
         return self._redelivered(run, digest)
 
-    def cancel_requested(self, data: dict[str, Any]) -> Reply:
+    def cancel_requested(self, data: dict[str, Any], trace: dict[str, str] | None = None) -> Reply:
         """Terminate the run; 200 + the terminal event once KFP says it ended (a run that had
         finished training is completed), else 202 ``cancelling``: the notice or the reconcile
-        tick announces the end."""
+        tick announces the end. The span joins the job's trace (the run's), else ``trace``."""
         job_uuid = data["job_uuid"]
         run = self.runs.find(job_uuid)
         if run is None:
             raise BadRequest(f"unknown job {job_uuid!r}: KFP has no run for it; nothing to cancel")
-        state = self.runs.state(run)
-        if not state.status.terminal:
-            self.runs.terminate(run)
-            log.info("cancel requested", extra={"job_uuid": job_uuid, "run_id": run.run_id})
-            state = self._await_end(run)
-        if state.status.terminal:
-            return event_reply(self.terminal_event(job_uuid, state))
-        return json_reply(202, {"job_uuid": job_uuid, "status": "cancelling"})
+        with self.job_span("job.cancel_requested", job_uuid, run_trace(run) or trace):
+            state = self.runs.state(run)
+            if not state.status.terminal:
+                self.runs.terminate(run)
+                log.info("cancel requested", extra={"job_uuid": job_uuid, "run_id": run.run_id})
+                state = self._await_end(run)
+            if state.status.terminal:
+                return self._ended(job_uuid, state)
+            return json_reply(202, {"job_uuid": job_uuid, "status": "cancelling"})
 
-    def run_finished(self, data: dict[str, Any]) -> Reply:
-        """The exit task's notice: 200 + the job's terminal event, read from KFP and S3."""
+    def run_finished(self, data: dict[str, Any], trace: dict[str, str] | None = None) -> Reply:
+        """The exit task's notice: 200 + the job's terminal event, read from KFP and S3. The
+        span continues the notice's trace (``trace``), else the run's."""
         job_uuid = data["job_uuid"]
         notice = Notice.from_data(data)
         run = self.runs.find(job_uuid)
         if run is None:
             raise BadRequest(f"unknown job {job_uuid!r}: KFP has no run for it; no run to read")
-        if notice.run_id and notice.run_id != run.run_id:
-            log.info(
-                "notice from a duplicate run ignored",
-                extra={"job_uuid": job_uuid, "run_id": notice.run_id, "kept": run.run_id},
-            )
-            return json_reply(202, {"job_uuid": job_uuid, "ignored": notice.run_id})
-        state = self.runs.state(run, notice)
-        if state.status.terminal:
-            return event_reply(self.terminal_event(job_uuid, state))
-        return json_reply(202, {"job_uuid": job_uuid, "status": state.status.value})
+        with self.job_span("run.finished", job_uuid, trace or run_trace(run)):
+            if notice.run_id and notice.run_id != run.run_id:
+                log.info(
+                    "notice from a duplicate run ignored",
+                    extra={"job_uuid": job_uuid, "run_id": notice.run_id, "kept": run.run_id},
+                )
+                return json_reply(202, {"job_uuid": job_uuid, "ignored": notice.run_id})
+            state = self.runs.state(run, notice)
+            if state.status.terminal:
+                return self._ended(job_uuid, state)
+            return json_reply(202, {"job_uuid": job_uuid, "status": state.status.value})
 
     def ping(self) -> Reply:
         """The reconcile tick: re-emit the terminal event of every run that ended lately."""
@@ -215,6 +217,13 @@ class RemoteService:
             data["completed_at"] = contract.timestamp(datetime.now(UTC))
         return self._event(contract.STATUS_EVENT_TYPE[state.status], data, state.completed_at)
 
+    def _ended(self, job_uuid: str, state: RunState) -> Reply:
+        """200 + the terminal event, counting the job as ended (the reconcile tick's repeats of
+        it are not counted: they announce an end already answered here, or about to be)."""
+        event = self.terminal_event(job_uuid, state)
+        metrics.JOBS_ENDED.labels(state.status.value).inc()
+        return event_reply(event)
+
     def _event(self, event_type: str, data: dict[str, Any], at: datetime | None) -> BaseCloudEvent:
         """An event this handler answers or emits, with the active span's trace context."""
         metrics.EVENTS_EMITTED.labels(metrics.event_label(event_type)).inc()
@@ -227,14 +236,15 @@ class RemoteService:
         )
 
     @staticmethod
-    def _span(name: str, event: contract.JobEvent) -> Any:
-        """A span continuing the event's trace (the run's, for its notice)."""
+    def job_span(name: str, job_uuid: str, parent: dict[str, str] | None) -> Any:
+        """A span continuing ``parent`` (an event's or a run's trace context): the events
+        answered or emitted inside it carry the job's trace."""
         return tracing.span(
             TRACER,
             name,
-            parent=event.trace,
+            parent=parent,
             kind=tracing.trace.SpanKind.CONSUMER,
-            attributes={"job_uuid": event.data["job_uuid"]},
+            attributes={"job_uuid": job_uuid},
         )
 
 

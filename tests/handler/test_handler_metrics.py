@@ -7,26 +7,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from handler import contract
 from tests.handler.helpers import request_data
 from tests.support.gunicorn import Gunicorn
 from tests.support.loopback import closed_port_url, free_port
+from tests.support.prometheus import samples
 
 JOB = contract.JOB_REQUESTED
-
-
-def samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of ``/metrics`` by (name, sorted labels)."""
-    reply = requests.get(url + "/metrics", timeout=10)
-    assert reply.status_code == 200
-    assert reply.headers["Content-Type"].startswith("text/plain; version=")
-    out = {}
-    for family in text_string_to_metric_families(reply.text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
 
 
 def received(values: dict, event_type: str, status: int) -> float:

@@ -35,7 +35,7 @@ from tests.kfp_standin.simulated import Simulation
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")
 # Never handed to a task from the stand-in's own environment: credentials arrive via Secrets.
-_SCRUBBED_PREFIXES = ("AWS_", "KFP_TOKEN", "S3_", "KF_PIPELINES")
+_SCRUBBED_PREFIXES = ("AWS_", "KFP_TOKEN", "S3_", "KF_PIPELINES", "OTEL_")
 
 
 class ApiError(Exception):

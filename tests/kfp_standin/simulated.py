@@ -59,13 +59,15 @@ def train(
     from pipelines import storage
     from pipelines.result import RunResult
     from pipelines.task_events import TaskEvents, TaskEventsConfig
+    from pipelines.tracing import TRACE_KEYS
 
     job_uuid = arguments["job_uuid"]
     result_uri = arguments.get("result_uri", "")
     request = json.loads(arguments["request_json"])
     client = _client(env)
     config = TaskEventsConfig.from_json(arguments.get("task_events", ""))
-    events = TaskEvents(config, job_uuid, run_id) if config else None
+    trace = {k: str(arguments.get(k) or "") for k in TRACE_KEYS}  # the run's, as the task's
+    events = TaskEvents(config, job_uuid, run_id, trace=trace) if config else None
     try:
         if events:
             events.started()
@@ -112,6 +114,7 @@ def train(
 def notify(run_id: str, arguments: dict[str, Any], state: str, error: str | None) -> None:
     """The exit task: the real notice code."""
     from pipelines.notify import post_run_finished
+    from pipelines.tracing import TRACE_KEYS
 
     post_run_finished(
         arguments.get("notify_url", ""),
@@ -121,4 +124,5 @@ def notify(run_id: str, arguments: dict[str, Any], state: str, error: str | None
         state,
         error,
         window_s=float(arguments.get("notify_window_s", 300.0)),
+        trace={k: str(arguments.get(k) or "") for k in TRACE_KEYS},
     )

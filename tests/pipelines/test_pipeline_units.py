@@ -49,6 +49,11 @@ def test_settings_from_env_reads_every_field(tmp_path: Path) -> None:
             "KFP_TRAINER_CACHE_DIR": str(tmp_path),
             "KFP_TRAINER_COMPILE": "true",
             "KFP_TRAINER_MAX_GRAD_NORM": "0.5",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.25",
+            "OTEL_SERVICE_NAME": "kfp-trainer-handler",  # the handler's own name stays its own
+            "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer x",  # may be a credential
         }
     )
     assert s.base_image == "registry.example/trainer:1"
@@ -63,6 +68,11 @@ def test_settings_from_env_reads_every_field(tmp_path: Path) -> None:
     assert s.s3_secret_name == "creds" and s.s3_endpoint_url == "http://minio:9000"
     assert s.cache_dir == tmp_path
     assert s.trainer == TrainerSettings(compile=True, max_grad_norm=0.5)
+    assert s.telemetry_env == {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+    }
 
 
 def test_settings_defaults() -> None:
@@ -675,6 +685,7 @@ def test_compiled_spec_carries_the_settings(tmp_path: Path) -> None:
         s3_secret_name="s3-creds",
         s3_endpoint_url="http://minio:9000",
         trainer=TrainerSettings(compile=True, max_grad_norm=2.0),
+        telemetry_env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"},
     )
     docs = list(yaml.safe_load_all(compile_pipeline(settings, tmp_path / "p.yaml").read_text()))
     spec, platform = docs[0], docs[1]
@@ -713,6 +724,11 @@ def test_compiled_spec_carries_the_settings(tmp_path: Path) -> None:
     assert {"name": "S3_ENDPOINT_URL", "value": "http://minio:9000"} in train["env"]
     assert {"name": "KFP_TRAINER_COMPILE", "value": "true"} in train["env"]
     assert {"name": "KFP_TRAINER_MAX_GRAD_NORM", "value": "2.0"} in train["env"]
+    notify = spec["deploymentSpec"]["executors"]["exec-notify"]["container"]
+    for container in (train, notify):  # both tasks' spans go where the handler's go
+        assert {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://collector:4318"} in (
+            container["env"]
+        )
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
     assert k8s["secretAsEnv"][0]["secretName"] == "s3-creds"
     assert {e["envVar"] for e in k8s["secretAsEnv"][0]["keyToEnv"]} == {

@@ -23,11 +23,15 @@ from tests.remote.conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 from tests.remote.remote_world import RemoteHandler
 from tests.support.http_client import ce_headers, curl, header_args
 from tests.support.loopback import wait_for
+from tests.support.otlp import OtlpReceiver
+from tests.support.prometheus import samples, value
 from tests.support.s3 import RefusingS3
 from tests.support.sink import Sink
 
 TOKENS = ("e2e-token-first-0001", "e2e-token-second-0002", "e2e-token-third-0003")
 RUN_TIMEOUT_S = 600
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"  # a caller's trace the job's spans join
+CALLER_SPAN = "00f067aa0ba902b7"
 
 
 class World:
@@ -39,6 +43,7 @@ class World:
         self.token_file = token_file
         self.display = Sink().__enter__()  # the completion Trigger's subscriber
         self.dead = Sink().__enter__()
+        self.otlp = OtlpReceiver().__enter__()  # the collector the handler and the tasks export to
         self.standin = fx.standin_with_secrets(tmp / "standin", TOKENS[0]).start()
         self.handler: RemoteHandler | None = None
         self.handler_env: dict[str, str] = {}
@@ -66,11 +71,13 @@ class World:
 
         return fx.wait_event(self.display, job_uuid, short_type, timeout, 0.5, diagnose)
 
-    def send(self, event_type: str, data: dict, event_id: str) -> int:
+    def send(self, event_type: str, data: dict, event_id: str, traceparent: str = "") -> int:
         """What the provider does: POST the event to the Broker, with real curl."""
         body = self.tmp / f"body-{event_id.replace('/', '_')}.json"
         body.write_text(json.dumps(data))
         headers = ce_headers(event_type, event_id, source="/tests/e2e", subject=data["job_uuid"])
+        if traceparent:
+            headers["ce-traceparent"] = traceparent
         status, _, _ = curl(
             "-X", "POST", *header_args(headers), "--data-binary", f"@{body}", self.broker.url
         )
@@ -88,6 +95,7 @@ class World:
         self.standin.close()
         self.display.__exit__(None, None, None)
         self.dead.__exit__(None, None, None)
+        self.otlp.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +111,9 @@ def world(tmp_path_factory, moto_url):
         # No KFP_TRAINER_MODEL_STORE: remote mode's default (upload-model's place) serves.
         "K_SINK": world.broker.url,
         "KFP_TRAINER_RETRY_AFTER_S": "3",
+        # Tracing on: the handler exports, and hands the endpoint on to the runs' tasks.
+        "OTEL_EXPORTER_OTLP_ENDPOINT": world.otlp.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
     }
     try:
         world.handler_env = env
@@ -149,6 +160,84 @@ def test_curl_to_job_completed_through_the_broker(world):
     assert len(world.runs_named("e2e-job-1")) == 1
     assert world.broker.dead_letters == []
 
+    # what the platform team's Prometheus sees of it: KFP and S3 calls, the job in and out
+    values = samples(world.handler.url)
+    assert value(values, "kfp_trainer_kfp_api_calls_total", operation="create run", outcome="ok")
+    assert value(values, "kfp_trainer_kfp_api_call_duration_seconds_count", operation="create run")
+    assert value(values, "kfp_trainer_s3_calls_total", operation="GetObject", outcome="ok")
+    assert value(values, "kfp_trainer_jobs_submitted_total") >= 1
+    assert value(values, "kfp_trainer_jobs_ended_total", state="completed") >= 1
+
+
+def _ids(event: dict) -> tuple[str, str]:
+    """(trace id, parent span id) of an event's ``traceparent``."""
+    _, trace_id, span_id, _ = event["traceparent"].split("-")
+    return trace_id, span_id
+
+
+def test_one_trace_from_job_requested_to_job_completed(world, tmp_path):
+    """The caller's trace runs through the handler's span, the run's parameters, the train
+    task's spans and its own events, the exit task's notice and the handler's terminal reply;
+    a reconcile tick re-announces the end in the same trace, read from the run alone."""
+    data = world.request("e2e-job-traced", n_epochs=2, max_steps_per_epoch=1)
+    caller = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+    assert world.send(contract.JOB_REQUESTED, data, "req-e2e-job-traced", caller) == 202
+    completed = world.event("e2e-job-traced", "job.completed")
+    wait_for(
+        lambda: any(s.name == "run.finished" for s in world.otlp.trace(CALLER_TRACE)),
+        30,
+        "the handler's run.finished span of the traced job",
+    )
+    trace = world.otlp.trace(CALLER_TRACE)
+    spans = {s.name: s for s in trace}
+    requested = spans["job.requested"]
+    assert (requested.parent_span_id, requested.service) == (CALLER_SPAN, "kfp-trainer-handler")
+
+    # the run carries the trace as parameters; its tasks (told the collector through the
+    # pipeline's env: the stand-in passes no OTEL_* of its own) continue it
+    [run] = world.runs_named("e2e-job-traced")
+    parameters = run["runtime_config"]["parameters"]
+    assert parameters["traceparent"] == f"00-{CALLER_TRACE}-{requested.span_id}-01"
+    train, notify = spans["train"], spans["notify"]
+    assert (train.parent_span_id, train.service) == (requested.span_id, "kfp-trainer-train")
+    assert (notify.parent_span_id, notify.service) == (requested.span_id, "kfp-trainer-notify")
+    epochs = [s for s in trace if s.name == "epoch"]
+    assert len(epochs) == 2 and {s.parent_span_id for s in epochs} == {train.span_id}
+    for name in ("fetch model", "read dataset"):
+        assert spans[name].parent_span_id == train.span_id, name
+    finished = spans["run.finished"]
+    assert finished.parent_span_id == notify.span_id
+
+    # every event about the job names the trace: the reply, the task's own, the terminal one
+    def of(event_type: str) -> list[dict]:
+        return [e for e in world.broker.of_type(event_type) if e["subject"] == "e2e-job-traced"]
+
+    [scheduled] = of(contract.JOB_SCHEDULED)
+    assert _ids(scheduled) == (CALLER_TRACE, requested.span_id)
+    task_events = of(contract.JOB_STARTED) + of(contract.JOB_PROGRESS)
+    assert task_events and {_ids(e) for e in task_events} == {(CALLER_TRACE, train.span_id)}
+    last = of(contract.JOB_PROGRESS)[-1]["data"]["progress"]
+    assert last["step"] == last["total_steps"] == 2 and last["loss"] > 0
+    assert _ids(completed) == (CALLER_TRACE, finished.span_id)
+
+    # a tick, answered by a handler that keeps nothing, continues the trace from the run
+    wait_for(
+        lambda: world.standin.state.get_run(run["run_id"])["state"] == "SUCCEEDED",
+        60,
+        "the run to end (its exit task ends after the notice)",
+    )
+    status, _, body = world.handler.ping(tmp_path, n=1)
+    assert status == 202 and json.loads(body)["emitted"] >= 1, body
+    assert world.broker.wait_idle(60)
+    reconciled = wait_for(
+        lambda: [s for s in world.otlp.trace(CALLER_TRACE) if s.name == "reconcile"],
+        30,
+        "the tick's reconcile span in the job's trace",
+    )
+    assert reconciled[0].parent_span_id == requested.span_id
+    again = of(contract.JOB_COMPLETED)
+    assert any(_ids(e) == (CALLER_TRACE, reconciled[0].span_id) for e in again), again
+
 
 def test_cancel_terminates_the_run_and_job_cancelled_is_routed(world):
     data = world.request("e2e-job-cancel", n_epochs=500, max_steps_per_epoch=4)
@@ -169,6 +258,9 @@ def test_cancel_terminates_the_run_and_job_cancelled_is_routed(world):
     assert world.standin.state.wait_idle(60)
     assert world.standin.state.get_run(run["run_id"])["state"] == "CANCELED"
     assert "job.completed" not in world.display.types("e2e-job-cancel")
+    # no caller trace: the job's own began at the handler, and the end names it
+    job_trace = run["runtime_config"]["parameters"]["traceparent"].split("-")[1]
+    assert _ids(cancelled)[0] == job_trace
 
 
 def test_an_oom_killed_train_task_is_job_failed_naming_the_kill(world):

@@ -319,8 +319,11 @@ def test_a_cancel_kfp_has_not_finished_is_cancelling_and_the_tick_announces_the_
 def test_a_tick_announces_every_run_that_ended_in_the_last_two_periods(world):
     """Defect 1: runs that ended while no pod was up; a fresh pod's tick finds them."""
     app = world.app(KFP_TRAINER_RECONCILE_PERIOD_S="3")
+    traced = {"ce-traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"}  # svc-t1's caller's trace
     for job in ("svc-t1", "svc-t2"):
-        assert world.post(app, contract.JOB_REQUESTED, world.request(job)).status_code == 200
+        headers = traced if job == "svc-t1" else {}
+        reply = world.post(app, contract.JOB_REQUESTED, world.request(job), **headers)
+        assert reply.status_code == 200
     for job in ("svc-t1", "svc-t2"):
         world.wait_state(job, "SUCCEEDED")
     assert all(e["type"] != contract.JOB_COMPLETED for e in world.sink.events), "no pod answered"
@@ -331,6 +334,19 @@ def test_a_tick_announces_every_run_that_ended_in_the_last_two_periods(world):
         (done,) = [e for e in world.sink.of(job) if e["type"] == contract.JOB_COMPLETED]
         assert done["id"] == f"{job}/job.completed"
         assert done["data"]["checkpoints"]
+    # tracing is off here, so the trace passes on as it came: from the run's parameters alone,
+    # the tick's job.completed names the caller's trace, as the run's own events did
+    (done,) = [e for e in world.sink.of("svc-t1") if e["type"] == contract.JOB_COMPLETED]
+    assert (
+        world.run_of("svc-t1")["runtime_config"]["parameters"]["traceparent"]
+        == done["traceparent"]
+        == traced["ce-traceparent"]
+    )
+    task_events = [e for e in world.sink.of("svc-t1") if e["type"] != contract.JOB_COMPLETED]
+    assert {e["type"] for e in task_events} >= {contract.JOB_STARTED, contract.JOB_PROGRESS}
+    assert {e["traceparent"] for e in task_events} == {traced["ce-traceparent"]}
+    (untraced,) = [e for e in world.sink.of("svc-t2") if e["type"] == contract.JOB_COMPLETED]
+    assert "traceparent" not in untraced
     time.sleep(6.5)  # two periods later, they are old news
     assert world.post(fresh, contract.PING, {}).json == {"reconciled": 0, "emitted": 0}
 
