@@ -4,8 +4,9 @@ Ingress code raises these (or the contract's ``ContractError``, the store's ``St
 a backend's ``BackendUnavailable``/``BackendRejected``); :func:`error_reply` is the only place
 that turns an exception into a status code and a JSON body. Permanent problems are 400, 413 or
 415, never 404, 409 or 429, which Knative would retry forever; a caller that may not call gets
-401 or 403 (dead-lettered too, so a misconfigured sender shows up there). Bodies name the
-problem; internal details (paths, exception text of unexpected errors) stay in the logs.
+401 or 403 (dead-lettered too, so a misconfigured sender shows up there). 429 means one thing:
+the caller is at its limit of active runs, and the request is to wait. Bodies name the problem;
+internal details (paths, exception text of unexpected errors) stay in the logs.
 """
 
 from __future__ import annotations
@@ -55,6 +56,17 @@ class Forbidden(ValueError):
     """The caller is known, but not one the settings let do this (403)."""
 
 
+class TooManyRuns(RuntimeError):
+    """The caller has as many active runs as it may (429 with Retry-After: Knative redelivers,
+    so the request waits for a run of the caller's to end). Names the caller, not its jobs."""
+
+    def __init__(self, caller: str, limit: int) -> None:
+        super().__init__(
+            f"{caller} has {limit} unfinished jobs, as many as KFP_TRAINER_AUTH_MAX_ACTIVE_RUNS "
+            "allows; this request is taken once one of them ends (retry later)"
+        )
+
+
 class Unavailable(RuntimeError):
     """Something the handler needs is down for now (503 with Retry-After)."""
 
@@ -65,6 +77,7 @@ _TABLE: Final = (
     (UnsupportedMediaType, 415, "unsupported_media_type", True),
     (Unauthenticated, 401, "unauthenticated", True),
     (Forbidden, 403, "forbidden", True),
+    (TooManyRuns, 429, "too_many_runs", True),
     (ContractError, 400, "bad_request", True),
     (BadRequest, 400, "bad_request", True),
     (BackendRejected, 400, "rejected", True),
@@ -87,7 +100,7 @@ def error_reply(exc: BaseException, *, retry_after_s: int = 5) -> Reply:
             problems = getattr(exc, "problems", None)
             if problems and len(problems) > 1:
                 body["problems"] = list(problems)
-            headers = {"Retry-After": str(retry_after_s)} if status == 503 else {}
+            headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else {}
             if status == 401:
                 headers["WWW-Authenticate"] = 'Bearer realm="kfp-trainer"'
             if status == 503:

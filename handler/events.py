@@ -44,7 +44,9 @@ def receive() -> Response:
     refused = identity.authorize_event(message)  # None: identity checks off, or admitted
     if refused is not None:
         return _counted(event_type, refused)
-    return _counted(event_type, _response(service.handle(message)))
+    caller = identity.current_caller()
+    reply = service.handle(message, caller.username if caller else "")
+    return _counted(event_type, _response(reply))
 
 
 def _inbound_type(message: HTTPMessage) -> str | None:

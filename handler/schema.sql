@@ -20,7 +20,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     submit_attempts INTEGER NOT NULL DEFAULT 0,
     next_submit_at REAL NOT NULL DEFAULT 0,
     updated_at REAL NOT NULL,
-    reply TEXT
+    reply TEXT,
+    -- who requested it (handler/identity.py; NULL: identity checks off): the per-caller limit
+    caller TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS outbox (

@@ -25,7 +25,7 @@ from handler import contract, ingress, jobstate, logs, metrics, procs
 from handler.admission import Admission
 from handler.backends import load_backend
 from handler.backends.base import Backend
-from handler.errors import BadRequest, Unavailable, error_reply
+from handler.errors import BadRequest, TooManyRuns, Unavailable, error_reply
 from handler.jobstate import JobState, Transitions, now_iso
 from handler.lifecycle import Lifecycle
 from handler.outbox import Outbox
@@ -62,8 +62,11 @@ class LocalService:
 
     # -- the one inbound path -------------------------------------------------------------------
 
-    def handle(self, message: HTTPMessage) -> Reply:
-        """Answer one inbound event: decode, validate, act, reply. Never raises."""
+    def handle(self, message: HTTPMessage, caller: str = "") -> Reply:
+        """Answer one inbound event: decode, validate, act, reply. Never raises.
+
+        ``caller``: who sent it, when identity checks are on (handler/identity.py).
+        """
         try:
             event = ingress.decode(message, max_body_bytes=self.settings.max_body_bytes)
             match event.type:
@@ -75,7 +78,7 @@ class LocalService:
                         kind=CONSUMER,
                         attributes={"job_uuid": event.data["job_uuid"]},
                     ):
-                        return self.requested(event.data)
+                        return self.requested(event.data, caller)
                 case contract.JOB_CANCEL_REQUESTED:
                     return self.cancel_requested(event.data["job_uuid"])
                 case contract.RUN_FINISHED:
@@ -85,8 +88,11 @@ class LocalService:
         except Exception as exc:
             return error_reply(exc, retry_after_s=self.settings.retry_after_s)
 
-    def requested(self, data: dict[str, Any]) -> Reply:
-        """Queue a new job (200 + job.scheduled, committed first); a redelivery gets the same."""
+    def requested(self, data: dict[str, Any], caller: str = "") -> Reply:
+        """Queue a new job (200 + job.scheduled, committed first); a redelivery gets the same.
+
+        :raises TooManyRuns: ``caller`` has ``max_active_runs`` unfinished jobs already.
+        """
         job_uuid = data["job_uuid"]
         digest = ingress.digest(data)
         try:
@@ -103,9 +109,19 @@ class LocalService:
             return self._redelivered(existing, digest)
         if trace := tracing.carrier():
             request = {**request, TRACE_FIELD: trace}
-        fresh = new_job(job_uuid=job_uuid, digest=digest, request=request, scheduled_at=now_iso())
+        fresh = new_job(
+            job_uuid=job_uuid,
+            digest=digest,
+            request=request,
+            scheduled_at=now_iso(),
+            caller=caller or None,
+        )
         event = self.event(contract.JOB_SCHEDULED, fresh)
-        job, created = self.store.insert_job(fresh, event)
+        limit = self.settings.auth.max_active_runs
+        job, created = self.store.insert_job(fresh, event, max_active=limit)
+        if job is None:
+            log.info("caller at its limit", extra={"caller": caller, "limit": limit})
+            raise TooManyRuns(caller, limit)
         if not created:
             return self._redelivered(job, digest)
         counted(contract.JOB_SCHEDULED)

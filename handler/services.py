@@ -36,8 +36,9 @@ class Service(Protocol):
 
     settings: HandlerSettings
 
-    def handle(self, message: HTTPMessage) -> Reply:
-        """Answer one inbound event; never raises."""
+    def handle(self, message: HTTPMessage, caller: str = "") -> Reply:
+        """Answer one inbound event; never raises. ``caller``: the sender's identity when
+        identity checks are on (handler/identity.py), which a per-caller limit counts by."""
         ...
 
     def job(self, job_uuid: str) -> dict[str, Any] | None:

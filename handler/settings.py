@@ -175,6 +175,9 @@ class AuthSettings:
     notifiers: tuple[str, ...] = ()  # KFP_TRAINER_AUTH_NOTIFIERS: run.finished
     reconcilers: tuple[str, ...] = ()  # KFP_TRAINER_AUTH_RECONCILERS: the PingSource tick
     readers: tuple[str, ...] = ()  # KFP_TRAINER_AUTH_READERS: GET /jobs, GET /jobs/<job_uuid>
+    # KFP_TRAINER_AUTH_MAX_ACTIVE_RUNS: unfinished jobs one caller may have; past it a new
+    # job.requested is a 429 (retried by Knative). 0: no limit.
+    max_active_runs: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AuthSettings:
@@ -190,6 +193,7 @@ class AuthSettings:
             notifiers=_callers(env, "KFP_TRAINER_AUTH_NOTIFIERS"),
             reconcilers=_callers(env, "KFP_TRAINER_AUTH_RECONCILERS"),
             readers=_callers(env, "KFP_TRAINER_AUTH_READERS"),
+            max_active_runs=env_int(env, "KFP_TRAINER_AUTH_MAX_ACTIVE_RUNS", 0, 0),
         )
         if settings.enabled and not settings.api_url.startswith("https://"):
             raise SettingsError(
@@ -370,6 +374,7 @@ ENV_VARS = (
     "KFP_TRAINER_AUTH_NOTIFIERS",
     "KFP_TRAINER_AUTH_RECONCILERS",
     "KFP_TRAINER_AUTH_READERS",
+    "KFP_TRAINER_AUTH_MAX_ACTIVE_RUNS",
 )
 
 __all__ = [

@@ -74,6 +74,7 @@ class Job:
     error: str | None
     submit_attempts: int
     next_submit_at: float
+    caller: str | None = None  # who requested it (handler/identity.py), when checked
 
     @property
     def status(self) -> JobStatus:
@@ -98,7 +99,14 @@ class Job:
         )
 
 
-def new_job(*, job_uuid: str, digest: str, request: dict[str, Any], scheduled_at: str) -> Job:
+def new_job(
+    *,
+    job_uuid: str,
+    digest: str,
+    request: dict[str, Any],
+    scheduled_at: str,
+    caller: str | None = None,
+) -> Job:
     """A job as it is when first queued (before the store gives it a sequence number)."""
     return Job(
         seq=0,
@@ -119,6 +127,7 @@ def new_job(*, job_uuid: str, digest: str, request: dict[str, Any], scheduled_at
         error=None,
         submit_attempts=0,
         next_submit_at=0.0,
+        caller=caller,
     )
 
 
@@ -178,6 +187,7 @@ def _job(row: sqlite3.Row) -> Job:
         error=row["error"],
         submit_attempts=row["submit_attempts"],
         next_submit_at=row["next_submit_at"],
+        caller=row["caller"],
     )
 
 
@@ -210,6 +220,21 @@ _CLAIMABLE_UNDER_LIMIT: Final = (
     "SELECT next_submit_at, (SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)) AS active"
     " FROM jobs WHERE state = ? AND cancel_requested = 0 ORDER BY seq LIMIT 1"
 )
+
+
+_INSERT: Final = (
+    "INSERT INTO jobs (job_uuid, digest, request, state, scheduled_at, updated_at, reply, caller)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_uuid) DO NOTHING"
+)
+# The same, only while the caller has fewer than ? unfinished jobs (the jobs_state index
+# finds those). The WHERE is also what lets SQLite parse an upsert of a SELECT.
+_INSERT_UNDER_CAP: Final = (
+    "INSERT INTO jobs (job_uuid, digest, request, state, scheduled_at, updated_at, reply, caller)"
+    " SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE"
+    " (SELECT COUNT(*) FROM jobs WHERE caller = ? AND state IN (?, ?, ?)) < ?"
+    " ON CONFLICT (job_uuid) DO NOTHING"
+)
+_UNFINISHED: Final = (JobState.queued, JobState.starting, JobState.running)
 
 
 class JobStore:
@@ -279,6 +304,8 @@ class JobStore:
                 columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
                 if "reply" not in columns:  # a store written before replies lived in jobs
                     conn.execute("ALTER TABLE jobs ADD COLUMN reply TEXT")
+                if "caller" not in columns:  # a store written before callers were known
+                    conn.execute("ALTER TABLE jobs ADD COLUMN caller TEXT")
                 self._schema_ready = True
             if conn not in self._opened:
                 self._opened.append(conn)
@@ -375,9 +402,16 @@ class JobStore:
         with self._tx() as conn:
             self._add_event(conn, event)
 
-    def insert_job(self, job: Job, event: BaseCloudEvent) -> tuple[Job, bool]:
+    def insert_job(
+        self, job: Job, event: BaseCloudEvent, *, max_active: int = 0
+    ) -> tuple[Job | None, bool]:
         """Queue ``job`` (from :func:`new_job`) with its job.scheduled ``event``, unless a job
         with that job_uuid is stored already, which is returned instead.
+
+        ``max_active`` (with ``job.caller``): queue it only while the caller has fewer
+        unfinished jobs, counted in the same statement as the insert, so concurrent requests
+        cannot pass the limit together; ``(None, False)`` when it is reached. A redelivery is
+        answered as ever: it is no new job.
 
         The event is built before the transaction, so the write lock is held for the insert
         only. It travels as the HTTP reply and is kept in the job's row (a redelivery gets it
@@ -391,7 +425,8 @@ class JobStore:
 
         :return: (the stored job, whether it was created now)
         """
-        item = (job, _dumps(job.request), event, JSON_FORMAT.write(event).decode())
+        cap = max_active if job.caller else 0
+        item = (job, _dumps(job.request), event, JSON_FORMAT.write(event).decode(), cap)
         with self._group_lock:
             batch = self._group
             leader = batch is None
@@ -432,24 +467,31 @@ class JobStore:
             batch.done.set()
 
     def _insert_queued(
-        self, conn: sqlite3.Connection, job: Job, request: str, event: BaseCloudEvent, reply: str
-    ) -> tuple[Job, bool]:
-        cur = conn.execute(
-            "INSERT INTO jobs (job_uuid, digest, request, state, scheduled_at, updated_at, reply)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_uuid) DO NOTHING",
-            (
-                job.job_uuid,
-                job.digest,
-                request,
-                JobState.queued,
-                job.scheduled_at,
-                time.time(),
-                reply,
-            ),
+        self,
+        conn: sqlite3.Connection,
+        job: Job,
+        request: str,
+        event: BaseCloudEvent,
+        reply: str,
+        cap: int,
+    ) -> tuple[Job | None, bool]:
+        values = (
+            job.job_uuid,
+            job.digest,
+            request,
+            JobState.queued,
+            job.scheduled_at,
+            time.time(),
+            reply,
+            job.caller,
         )
-        if cur.rowcount == 0:  # stored already (a redelivery): look only then
+        if cap:
+            cur = conn.execute(_INSERT_UNDER_CAP, (*values, job.caller, *_UNFINISHED, cap))
+        else:
+            cur = conn.execute(_INSERT, values)
+        if cur.rowcount == 0:  # stored already (a redelivery), or the caller is at its cap
             row = conn.execute("SELECT * FROM jobs WHERE job_uuid = ?", (job.job_uuid,)).fetchone()
-            return _job(row), False
+            return (_job(row), False) if row is not None else (None, False)
         if not self.born_delivered(reply=True):  # in-process subscribers still need it
             self._add_event(conn, event, reply=True, encoded=reply)
         return replace(job, seq=cur.lastrowid or 0), True

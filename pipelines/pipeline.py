@@ -46,6 +46,7 @@ def pipeline_arguments(
     request_digest: str = "",
     task_events: str = "",
     token_audience: str = "",
+    caller: str = "",
 ) -> dict[str, Any]:
     """The run parameters for a job request (``model_artifact.uri`` must be resolved).
 
@@ -53,6 +54,8 @@ def pipeline_arguments(
     keeps it with the run, so a redelivered request can be compared with the one that made
     it. ``task_events`` is the train task's pipelines.task_events.TaskEventsConfig as JSON.
     ``token_audience`` overrides the compiled default (PipelineSettings.token_audience).
+    ``caller`` (who requested the job, when the handler checks callers) rides along unused too:
+    the handler counts a caller's unfinished runs by it.
 
     :raises ValueError: naming a missing field.
     """
@@ -92,6 +95,8 @@ def pipeline_arguments(
         args["notify_window_s"] = float(notify_window_s)
     if token_audience:
         args["token_audience"] = token_audience
+    if caller:
+        args["caller"] = caller
     if request.get("checkpoint_format"):
         args["checkpoint_format"] = request["checkpoint_format"]
     trace = request.get(TRACE_FIELD) or {}
@@ -190,6 +195,7 @@ def build_pipeline(settings: PipelineSettings) -> Callable[..., Any]:
         task_events: str = "",
         token_audience: str = settings.token_audience,
         allowed_roots: str = "",
+        caller: str = "",
     ) -> None:
         notify = notify_op(
             job_uuid=job_uuid,

@@ -1,7 +1,8 @@
 """The jobs as KFP and S3 record them: remote mode's only state.
 
 A job is the oldest run in the configured experiment (``KFP_EXPERIMENT``) whose display name is
-its job_uuid and whose ``job_uuid`` parameter says the same; its result and progress are JSON
+its job_uuid and whose ``job_uuid`` parameter says the same (its ``caller`` parameter is who
+requested it, what the per-caller limit counts by); its result and progress are JSON
 objects under ``jobs/<job_uuid>/`` in S3 (handler/remote/s3.py). Nothing is remembered between
 calls, so any replica, a restarted one included, answers the same.
 
@@ -30,6 +31,8 @@ from handler.settings import HandlerSettings, SettingsError
 log = logs.get("handler.remote.runs")
 
 TERMINAL_STATES: Final = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")
+# A run in one of these has not ended (CANCELING still holds its pods).
+UNFINISHED_STATES: Final = ("PENDING", "RUNNING", "PAUSED", "CANCELING")
 # kfp's DSL keeps the pipeline being defined in a process-wide context: one compile at a time.
 _COMPILING: Final = threading.Lock()
 _JOB_UUID: Final = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -50,6 +53,11 @@ def run_trace(run: Any) -> dict[str, str]:
     is how a handler that keeps nothing continues a job's trace when its run ends."""
     params = parameters(run)
     return {k: str(params[k]) for k in contract.TRACE_ATTRIBUTES if params.get(k)}
+
+
+def caller(run: Any) -> str:
+    """Who requested the job ("" when identity checks were off)."""
+    return str(parameters(run).get("caller") or "")
 
 
 def request_digest(run: Any) -> str | None:
@@ -108,7 +116,7 @@ class KfpRuns:
         # The body kfp.Client sends: the IR, or both specs when kfp-kubernetes settings exist.
         return {"pipeline_spec": spec, "platform_spec": platform} if platform else spec
 
-    def arguments(self, request: dict[str, Any], digest: str) -> dict[str, Any]:
+    def arguments(self, request: dict[str, Any], digest: str, caller: str = "") -> dict[str, Any]:
         """The run's parameters: a local run's, plus where results, notices and events go."""
         from pipelines.pipeline import pipeline_arguments
         from pipelines.task_events import PROGRESS_FILE, TaskEventsConfig
@@ -133,6 +141,7 @@ class KfpRuns:
             notify_window_s=self.remote.notify_window_s,
             request_digest=digest,
             task_events=events.to_json() if self.events_url else "",
+            caller=caller,
         )
 
     @staticmethod
@@ -184,7 +193,7 @@ class KfpRuns:
         return runs[0] if runs else None
 
     def create(
-        self, request: dict[str, Any], digest: str, *, look_first: bool = True
+        self, request: dict[str, Any], digest: str, *, look_first: bool = True, caller: str = ""
     ) -> tuple[Any, bool]:
         """The job's run, created now unless it exists: (run, whether this call created it).
 
@@ -201,7 +210,7 @@ class KfpRuns:
             return existing, False
         try:
             spec = self.pipeline_spec()
-            arguments = self.arguments(request, digest)
+            arguments = self.arguments(request, digest, caller)
         except (ValueError, KeyError) as exc:
             raise BackendRejected(f"the request cannot become a pipeline run: {exc}") from None
         try:
@@ -291,10 +300,28 @@ class KfpRuns:
         )
         return [r for r in runs if is_ours(r)]
 
+    def active_for(self, who: str) -> int:
+        """How many of this deployment's unfinished runs ``who`` requested (their ``caller``
+        parameter). One paged listing per call: KFP cannot filter on parameters.
+
+        :raises BackendUnavailable: KFP cannot be asked right now.
+        """
+        runs = self.kfp.runs_in_states(self._experiment_id(), UNFINISHED_STATES)
+        return sum(1 for r in runs if is_ours(r) and caller(r) == who)
+
     def page(self, token: str, size: int) -> tuple[list[Any], str]:
         """One page of this deployment's runs, newest first, and the next page's token."""
         runs, next_token = self.kfp.runs_page(self._experiment_id(), token, size)
         return [r for r in runs if is_ours(r)], next_token
 
 
-__all__ = ["TERMINAL_STATES", "KfpRuns", "is_ours", "parameters", "request_digest", "run_trace"]
+__all__ = [
+    "TERMINAL_STATES",
+    "UNFINISHED_STATES",
+    "KfpRuns",
+    "caller",
+    "is_ours",
+    "parameters",
+    "request_digest",
+    "run_trace",
+]

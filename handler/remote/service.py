@@ -21,7 +21,7 @@ from handler import contract, ingress, logs, metrics
 from handler.admission import Admission
 from handler.backends.base import RunState
 from handler.contract import JobStatus
-from handler.errors import BadRequest, error_reply
+from handler.errors import BadRequest, TooManyRuns, error_reply
 from handler.remote import reconcile, s3
 from handler.remote.outcome import Notice, kfp_time
 from handler.remote.runs import KfpRuns, request_digest, run_trace
@@ -50,14 +50,17 @@ class RemoteService:
 
     # -- the one inbound path -------------------------------------------------------------------
 
-    def handle(self, message: HTTPMessage) -> Reply:
-        """Answer one inbound event: decode, validate, act, reply. Never raises."""
+    def handle(self, message: HTTPMessage, caller: str = "") -> Reply:
+        """Answer one inbound event: decode, validate, act, reply. Never raises.
+
+        ``caller``: who sent it, when identity checks are on (handler/identity.py).
+        """
         try:
             event = ingress.decode(message, max_body_bytes=self.settings.max_body_bytes)
             match event.type:
                 case contract.JOB_REQUESTED:
                     with self.job_span("job.requested", event.data["job_uuid"], event.trace):
-                        return self.requested(event.data)
+                        return self.requested(event.data, caller)
                 case contract.JOB_CANCEL_REQUESTED:
                     return self.cancel_requested(event.data, event.trace)
                 case contract.RUN_FINISHED:
@@ -67,17 +70,25 @@ class RemoteService:
         except Exception as exc:
             return error_reply(exc, retry_after_s=self.settings.retry_after_s)
 
-    def requested(self, data: dict[str, Any]) -> Reply:
-        """200 + job.scheduled once a KFP run for the job exists; the same for a redelivery."""
+    def requested(self, data: dict[str, Any], caller: str = "") -> Reply:
+        """200 + job.scheduled once a KFP run for the job exists; the same for a redelivery.
+
+        A new job of a ``caller`` that has ``max_active_runs`` unfinished runs already (counted
+        from KFP, by the run's ``caller`` parameter) is a 429: Knative redelivers it later.
+        """
         job_uuid = data["job_uuid"]
         digest = ingress.digest(data)
         self.admission.check(data)
         run = self.runs.find(job_uuid)
         if run is None:
+            limit = self.settings.auth.max_active_runs
+            if caller and limit and self.runs.active_for(caller) >= limit:
+                log.info("caller at its limit", extra={"caller": caller, "limit": limit})
+                raise TooManyRuns(caller, limit)
             request = self.admission.resolve(data)
             if trace := tracing.carrier():  # the run's tasks continue this trace
                 request = {**request, TRACE_FIELD: trace}
-            run, created = self.runs.create(request, digest, look_first=False)
+            run, created = self.runs.create(request, digest, look_first=False, caller=caller)
             if created:
                 metrics.JOBS_SUBMITTED.inc()
                 log.info("job scheduled", extra={"job_uuid": job_uuid, "run_id": run.run_id})

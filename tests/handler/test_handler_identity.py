@@ -72,7 +72,7 @@ class World:
         self.token_file = base / "handler-token"
         self.token_file.write_text(self.api.service_account_token(*HANDLER_SA) + "\n")
         self.dataset = write_dataset(base / "data" / "train.jsonl")
-        common = {
+        self.common = common = {
             "KFP_TRAINER_MODEL_STORE": str(model_store),
             "KFP_TRAINER_DATA_ROOTS": str(base / "data"),
             "KFP_TRAINER_BACKEND": FAKE_BACKEND,
@@ -344,6 +344,51 @@ def test_the_right_callers_get_the_same_answers_as_without_identity_checks(world
     assert checked == unchecked
     assert [a[0] for a in checked] == [200, 200, 200, 200, 404, 202, 202, 400, 400]
     assert checked[0][1] == contract.JOB_SCHEDULED
+
+
+# ------------------------------------------------------------------------------ limits
+
+OTHER_REQUESTER = (NS, "tenant-b-oidc-eventing.knative.dev-trigger")
+
+
+def test_a_caller_at_its_limit_gets_429_until_one_of_its_jobs_ends(world):
+    """KFP_TRAINER_AUTH_MAX_ACTIVE_RUNS=1: a second job of the same caller waits (429 with
+    Retry-After, which Knative redelivers), a redelivery of the first and another caller's job
+    do not; once the first job ends the second is taken."""
+    env = {
+        **world.common,
+        **auth_env(world.api, world.token_file),
+        "KFP_TRAINER_STATE_DIR": str(world.base / "limited"),
+        "KFP_TRAINER_AUTH_REQUESTERS": f"{user(REQUESTER)},{user(OTHER_REQUESTER)}",
+        "KFP_TRAINER_AUTH_MAX_ACTIVE_RUNS": "1",
+    }
+    limited = Gunicorn(env, world.base / "limited.log")
+    try:
+        limited.wait_ready()
+        url, mine, theirs = limited.url, world.token(REQUESTER), world.token(OTHER_REQUESTER)
+        first = fake(world, "lim-1", steps=600, step_s=0.1)
+        assert post_event(url, mine, contract.JOB_REQUESTED, first)[0] == 200
+        status, headers, body = post_event(url, mine, contract.JOB_REQUESTED, fake(world, "lim-2"))
+        assert (status, headers["retry-after"]) == (429, RETRY_AFTER_S)
+        assert body == {
+            "error": "too_many_runs",
+            "message": f"{user(REQUESTER)} has 1 unfinished jobs, as many as "
+            "KFP_TRAINER_AUTH_MAX_ACTIVE_RUNS allows; this request is taken once one of them "
+            "ends (retry later)",
+        }
+        assert get(url, world.token(READER), "/jobs/lim-2")[0] == 404, "nothing was queued"
+        assert post_event(url, mine, contract.JOB_REQUESTED, first)[0] == 200  # redelivered
+        assert post_event(url, theirs, contract.JOB_REQUESTED, fake(world, "lim-3"))[0] == 200
+        assert post_event(url, mine, contract.JOB_CANCEL_REQUESTED, {"job_uuid": "lim-1"})[0] == 202
+        wait_for(
+            lambda: get(url, world.token(READER), "/jobs/lim-1")[2]["status"] == "cancelled",
+            30,
+            "lim-1 to end",
+        )
+        status, headers, _ = post_event(url, mine, contract.JOB_REQUESTED, fake(world, "lim-2"))
+        assert (status, headers["ce-type"]) == (200, contract.JOB_SCHEDULED)
+    finally:
+        assert limited.stop() == 0, limited.log_tail()
 
 
 # ------------------------------------------------------------------------------ the reviews

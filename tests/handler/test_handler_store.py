@@ -179,3 +179,66 @@ def test_a_store_from_before_replies_lived_in_jobs_is_upgraded_in_place(tmp_path
     _queue(store, 1, "new")
     assert store.scheduled_event("new-0")["id"] == "new-0/job.scheduled"
     store.close()
+
+
+def _caller_job(u: str, caller: str):
+    return new_job(
+        job_uuid=u, digest="d", request={"job_uuid": u}, scheduled_at="2026-01-01", caller=caller
+    )
+
+
+def test_a_callers_cap_holds_under_concurrent_inserts_and_frees_when_a_job_ends(tmp_path):
+    """The count and the insert are one statement, inside the group commit's transaction too:
+    twelve threads of one caller racing for a cap of 3 get exactly three jobs."""
+    import threading
+
+    store = JobStore(tmp_path / "h.sqlite3")
+    store.sink_delivery = store.local_delivery = False
+    results: dict[str, bool] = {}
+    barrier = threading.Barrier(12)
+
+    def insert(u: str) -> None:
+        job = _caller_job(u, "sa:a")
+        barrier.wait()
+        stored, created = store.insert_job(job, _scheduled(job), max_active=3)
+        results[u] = stored is not None and created
+
+    threads = [threading.Thread(target=insert, args=(f"c-{i}",)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    taken = sorted(u for u, ok in results.items() if ok)
+    assert len(taken) == 3 and len(results) == 12
+    other = _caller_job("other-1", "sa:b")
+    assert store.insert_job(other, _scheduled(other), max_active=3)[1], "another caller's own cap"
+    again = _caller_job(taken[0], "sa:a")
+    stored, created = store.insert_job(again, _scheduled(again), max_active=3)
+    assert stored is not None and stored.job_uuid == taken[0] and not created  # redelivery
+    late = _caller_job("c-late", "sa:a")
+    assert store.insert_job(late, _scheduled(late), max_active=3) == (None, False)
+    store.update(taken[0], when=lambda j: True, change=lambda j: {"state": "cancelled"})
+    stored, created = store.insert_job(late, _scheduled(late), max_active=3)
+    assert created and stored.caller == "sa:a"
+    assert store.job("c-late").caller == "sa:a"
+    uncapped = _caller_job("c-free", "sa:a")
+    assert store.insert_job(uncapped, _scheduled(uncapped))[1], "max_active=0: no cap"
+    store.close()
+
+
+def test_a_store_from_before_callers_were_kept_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "h.sqlite3"
+    old = JobStore(db)
+    _queue(old, 1, "old")
+    old.close()
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE jobs DROP COLUMN caller")  # the layout before the column
+    conn.close()
+    store = JobStore(db)
+    assert store.job("old-0").caller is None
+    job = _caller_job("new-0", "sa:a")
+    assert store.insert_job(job, _scheduled(job), max_active=1)[1]
+    assert store.job("new-0").caller == "sa:a"
+    store.close()

@@ -387,3 +387,52 @@ def test_a_notice_from_a_run_that_lost_the_race_is_ignored(world):
     notice = {"job_uuid": "svc-dup", "run_id": "deleted-duplicate", "state": "FAILED"}
     response = world.post(app, contract.RUN_FINISHED, notice)
     assert response.status_code == 202 and response.json["ignored"] == "deleted-duplicate"
+
+
+def test_a_caller_at_its_limit_gets_429_until_one_of_its_runs_ends(world, tmp_path):
+    """KFP_TRAINER_AUTH_MAX_ACTIVE_RUNS=1 with no state of the handler's own: the count is of
+    the caller's unfinished runs in KFP, by the ``caller`` parameter each run carries."""
+    from tests.k8s_standin import KubeApiStandin
+
+    world.standin.state.simulation = Simulation(train_s=60)  # runs last until cancelled
+    audience = "kfp-trainer-handler"
+    alice, bob = ("team-a", "requester"), ("team-b", "requester")
+    with KubeApiStandin(tmp_path / "kube-api") as api:
+        api.grant_token_review("system:serviceaccount:kfp-trainer:kfp-trainer-handler")
+        token_file = tmp_path / "handler-token"
+        token_file.write_text(api.service_account_token("kfp-trainer", "kfp-trainer-handler"))
+        app = world.app(
+            KFP_TRAINER_AUTH="true",
+            KFP_TRAINER_AUTH_API_URL=api.url,
+            KFP_TRAINER_AUTH_TOKEN_PATH=str(token_file),
+            KFP_TRAINER_AUTH_CA_PATH=str(api.ca_file),
+            KFP_TRAINER_AUTH_REQUESTERS=",".join(
+                f"system:serviceaccount:{ns}:{name}" for ns, name in (alice, bob)
+            ),
+            KFP_TRAINER_AUTH_MAX_ACTIVE_RUNS="1",
+        )
+
+        def post(who: tuple[str, str], event_type: str, data: dict[str, Any]) -> Any:
+            token = api.service_account_token(*who, audiences=[audience])
+            return world.post(app, event_type, data, Authorization=f"Bearer {token}")
+
+        first = world.request("lim-r1")
+        assert post(alice, contract.JOB_REQUESTED, first).status_code == 200
+        params = world.run_of("lim-r1")["runtime_config"]["parameters"]
+        assert params["caller"] == "system:serviceaccount:team-a:requester"
+        second = world.request("lim-r2")
+        refused = post(alice, contract.JOB_REQUESTED, second)
+        assert (refused.status_code, refused.headers["Retry-After"]) == (429, "4")
+        assert refused.json["error"] == "too_many_runs"
+        assert fx.runs_named(world.standin, "lim-r2") == [], "no run for a refused request"
+        assert post(alice, contract.JOB_REQUESTED, first).status_code == 200  # a redelivery
+        assert post(bob, contract.JOB_REQUESTED, world.request("lim-r3")).status_code == 200
+        assert post(alice, contract.JOB_CANCEL_REQUESTED, {"job_uuid": "lim-r1"}).status_code in (
+            200,
+            202,
+        )
+        world.wait_state("lim-r1", "CANCELED")
+        assert post(alice, contract.JOB_REQUESTED, second).status_code == 200
+        assert world.run_of("lim-r2")["runtime_config"]["parameters"]["caller"].endswith(
+            "team-a:requester"
+        )
