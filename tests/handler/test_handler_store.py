@@ -162,16 +162,21 @@ def test_queueing_without_subscribers_is_one_row_and_keeps_the_reply(tmp_path):
     store.close()
 
 
-def test_a_store_from_before_replies_lived_in_jobs_is_upgraded_in_place(tmp_path):
+def _store_without(db: Path, column: str) -> None:
+    """A store with one job, written as before ``column`` existed."""
     import sqlite3
 
-    db = tmp_path / "h.sqlite3"
     old = JobStore(db)  # with subscribers: job.scheduled is in the outbox too
     _queue(old, 1, "old")
     old.close()
     conn = sqlite3.connect(db)
-    conn.execute("ALTER TABLE jobs DROP COLUMN reply")  # the layout before the column
+    conn.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
     conn.close()
+
+
+def test_a_store_from_before_replies_lived_in_jobs_is_upgraded_in_place(tmp_path):
+    db = tmp_path / "h.sqlite3"
+    _store_without(db, "reply")
 
     store = JobStore(db)
     assert store.scheduled_event("old-0")["id"] == "old-0/job.scheduled"  # from the outbox
@@ -227,15 +232,8 @@ def test_a_callers_cap_holds_under_concurrent_inserts_and_frees_when_a_job_ends(
 
 
 def test_a_store_from_before_callers_were_kept_is_upgraded_in_place(tmp_path):
-    import sqlite3
-
     db = tmp_path / "h.sqlite3"
-    old = JobStore(db)
-    _queue(old, 1, "old")
-    old.close()
-    conn = sqlite3.connect(db)
-    conn.execute("ALTER TABLE jobs DROP COLUMN caller")  # the layout before the column
-    conn.close()
+    _store_without(db, "caller")
     store = JobStore(db)
     assert store.job("old-0").caller is None
     job = _caller_job("new-0", "sa:a")
