@@ -17,15 +17,12 @@ import contextlib
 import datetime
 import json
 import re
-import socket
-import ssl
-import threading
 from collections.abc import Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from tests.k8s_standin.tokens import TokenInvalid, TokenIssuer
+from tests.support.loopback import RestartableServer, TrackedHandler
 from tests.support.tls import TlsFiles, make_tls
 
 # What the API server's own tokens are issued for (``--api-audiences``; the issuer by default).
@@ -79,46 +76,18 @@ class KubeApiStandin:
         self._token_requesters: set[tuple[str, str, str]] = set()  # (user, namespace, name)
         self.token_requests: list[dict[str, Any]] = []  # (namespace, name, spec) received
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self._port = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
-        self._lock = threading.Lock()
+        tls_files = (self.tls.cert, self.tls.key) if self.tls else None
+        self._http = RestartableServer(_handler_class(self), tls=tls_files, name="kube-api")
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> KubeApiStandin:
-        if self._server is not None:
-            return self
-        server = ThreadingHTTPServer(("127.0.0.1", self._port), _handler_class(self))
-        server.daemon_threads = True
-        if self.tls is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(self.tls.cert, self.tls.key)
-            # The handshake happens in the connection's thread, not in the accept loop.
-            server.socket = context.wrap_socket(
-                server.socket, server_side=True, do_handshake_on_connect=False
-            )
-        self._port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        self._thread.start()
+        self._http.start()
         return self
 
     def stop(self) -> None:
         """Stop answering: new connections are refused and kept-alive ones are cut."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        with self._lock:
-            for conn in list(self._connections):
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-            self._connections.clear()
-        if self._thread is not None:
-            self._thread.join(10)
-        self._server = None
+        self._http.stop()
 
     close = stop
 
@@ -130,7 +99,7 @@ class KubeApiStandin:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._port}"
+        return self._http.url
 
     @property
     def ca_file(self) -> Path:
@@ -329,25 +298,8 @@ class KubeApiStandin:
         return self._objects[key]
 
 
-def _handler_class(api: KubeApiStandin) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def setup(self) -> None:
-            super().setup()
-            with api._lock:
-                api._connections.add(self.connection)
-
-        def finish(self) -> None:
-            with api._lock:
-                api._connections.discard(self.connection)
-            with contextlib.suppress(OSError):
-                super().finish()
-
-        def handle(self) -> None:
-            with contextlib.suppress(OSError):  # a failed handshake, a cut connection
-                super().handle()
-
+def _handler_class(api: KubeApiStandin) -> type[TrackedHandler]:
+    class Handler(TrackedHandler):
         def do_GET(self) -> None:
             self._serve("GET")
 

@@ -11,12 +11,7 @@ import contextlib
 import json
 import logging
 import re
-import socket
-import ssl
 import tempfile
-import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -24,6 +19,7 @@ from urllib.parse import parse_qsl, urlsplit
 from tests.kfp_standin.filters import FilterError
 from tests.kfp_standin.runs import ApiError, KfpState
 from tests.kfp_standin.simulated import Simulation
+from tests.support.loopback import RestartableServer, TrackedHandler
 
 log = logging.getLogger("kfp_standin")
 
@@ -64,46 +60,19 @@ class KfpStandin:
         self.state = KfpState(Path(work_dir or self._tmp.name))  # type: ignore[union-attr]
         self.state.simulation = simulate
         self._token = token
-        self._port = port
-        self._tls = tls
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status): for assertions
-        self._connections: set[socket.socket] = set()
-        self._conn_lock = threading.Lock()
+        self._http = RestartableServer(_handler_class(self), port=port, tls=tls, name="kfp-standin")
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> KfpStandin:
         """Start serving (again): the same port after a :meth:`stop`, a free one at first."""
-        if self._server is not None:
-            return self
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), _handler_class(self))
-        self._server.daemon_threads = True
-        if self._tls is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*self._tls)
-            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
-        self._port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="kfp-standin-http", daemon=True
-        )
-        self._thread.start()
+        self._http.start()
         return self
 
     def stop(self) -> None:
-        """Stop answering (connections are refused); runs keep executing, like pods would."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        with self._conn_lock:  # a kept-alive connection must not outlive the "outage"
-            for conn in list(self._connections):
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-            self._connections.clear()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = None
+        """Stop answering (connections are refused and kept-alive ones cut); runs keep
+        executing, like pods would."""
+        self._http.stop()
 
     def close(self) -> None:
         """Stop serving and kill every execution."""
@@ -120,7 +89,7 @@ class KfpStandin:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self._port}"
+        return self._http.url
 
     # ---- what the test controls -------------------------------------------------------------
     def set_token(self, token: str | None) -> None:
@@ -186,24 +155,8 @@ def _object(body: Any) -> dict[str, Any]:
     return body
 
 
-def _handler_class(standin: KfpStandin) -> Callable[..., BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def setup(self) -> None:
-            super().setup()
-            # As Go's net/http (the real API server) does: without it, headers and body go out
-            # as two segments and a kept-alive client waits out a delayed ACK (~40 ms) per call.
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with standin._conn_lock:
-                standin._connections.add(self.connection)
-
-        def finish(self) -> None:
-            with standin._conn_lock:
-                standin._connections.discard(self.connection)
-            with contextlib.suppress(OSError):
-                super().finish()
-
+def _handler_class(standin: KfpStandin) -> type[TrackedHandler]:
+    class Handler(TrackedHandler):
         def do_GET(self) -> None:
             self._serve("GET")
 
