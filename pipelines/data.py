@@ -35,6 +35,8 @@ _FIELDS: Final = {
 SOURCE_FORMATS: Final = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
 _PARQUET_BATCH_ROWS: Final = 4096
 _EXAMPLE_MESSAGES: Final = '[{"role": "user", "content": "..."}]'
+# One encoder for every row: json.dumps with options builds a new encoder on each call.
+_ENCODE: Final = json.JSONEncoder(ensure_ascii=False).encode
 
 
 class DatasetError(ValueError):
@@ -49,7 +51,12 @@ class Turn:
     content: str
 
 
-def _text(content: Any, where: str) -> str:
+def _at(where: str, field: str, index: int | None = None) -> str:
+    """Where a problem is, for its message: built only when there is one (rows are many)."""
+    return f"{where}: {field}" if index is None else f"{where}: {field}[{index}]"
+
+
+def _text(content: Any, where: str, field: str, index: int) -> str:
     """Message content as text: a string, a text item or a list of text items."""
     if isinstance(content, str):
         return content
@@ -60,36 +67,39 @@ def _text(content: Any, where: str) -> str:
     ):
         return content["text"]
     if isinstance(content, list) and content:
-        return "".join(_text(item, where) for item in content)
+        return "".join(_text(item, where, field, index) for item in content)
     raise DatasetError(
-        f"{where}: content must be text (a string or text items), got {json.dumps(content)[:80]}"
+        f"{_at(where, field, index)}: content must be text (a string or text items), got "
+        f"{json.dumps(content)[:80]}"
     )
 
 
-def _messages(value: Any, where: str) -> list[Any]:
+def _messages(value: Any, where: str, field: str) -> list[Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError as exc:
             raise DatasetError(
-                f"{where} is not valid JSON: {exc} (it must hold a JSON list of messages, "
-                f"like {_EXAMPLE_MESSAGES})"
+                f"{_at(where, field)} is not valid JSON: {exc} (it must hold a JSON list of "
+                f"messages, like {_EXAMPLE_MESSAGES})"
             ) from None
     if not isinstance(value, list):
         raise DatasetError(
-            f"{where} must hold a JSON list of messages, like {_EXAMPLE_MESSAGES}; "
+            f"{_at(where, field)} must hold a JSON list of messages, like {_EXAMPLE_MESSAGES}; "
             f"got {json.dumps(value)[:80]}"
         )
     return value
 
 
-def _turn(message: Any, where: str) -> Turn:
+def _turn(message: Any, where: str, field: str, index: int) -> Turn:
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        raise DatasetError(f"{where}: each message needs 'role' and 'content'")
+        raise DatasetError(f"{_at(where, field, index)}: each message needs 'role' and 'content'")
     role = message["role"]
     if role not in ROLES:
-        raise DatasetError(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
-    return Turn(role=role, content=_text(message["content"], where))
+        raise DatasetError(
+            f"{_at(where, field, index)}: role {role!r} is not one of {', '.join(ROLES)}"
+        )
+    return Turn(role, _text(message["content"], where, field, index))
 
 
 def row_turns(row: Any, data_format: str, where: str) -> list[Turn]:
@@ -97,23 +107,23 @@ def row_turns(row: Any, data_format: str, where: str) -> list[Turn]:
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: a row must be a JSON object")
     needed = _FIELDS[data_format]
-    missing = [f for f in needed if f not in row]
-    if missing:
-        raise DatasetError(
-            f"{where}: missing field {missing[0]!r}; data_format {data_format!r} needs "
-            f"{' and '.join(needed)} (row has: {', '.join(sorted(row)) or 'nothing'})"
-        )
-    empty = [f for f in needed if row[f] is None or row[f] == ""]
-    if empty:
-        raise DatasetError(f"{where}: {empty[0]!r} is empty; data_format {data_format!r} needs it")
+    for field in needed:
+        value = row.get(field)
+        if value is None or value == "":
+            if field not in row:
+                raise DatasetError(
+                    f"{where}: missing field {field!r}; data_format {data_format!r} needs "
+                    f"{' and '.join(needed)} (row has: {', '.join(sorted(row)) or 'nothing'})"
+                )
+            raise DatasetError(f"{where}: {field!r} is empty; data_format {data_format!r} needs it")
     if data_format == "instruct":
-        msgs = _messages(row["chat_completion_input"], f"{where}: chat_completion_input")
+        msgs = _messages(row["chat_completion_input"], where, "chat_completion_input")
         if len(msgs) != 1:
             raise DatasetError(
                 f"{where}: chat_completion_input must hold exactly one user "
                 f"message, got {len(msgs)}"
             )
-        user = _turn(msgs[0], f"{where}: chat_completion_input[0]")
+        user = _turn(msgs[0], where, "chat_completion_input", 0)
         if user.role != "user":
             raise DatasetError(
                 f"{where}: chat_completion_input[0] must be a user message, got role {user.role!r}"
@@ -123,9 +133,9 @@ def row_turns(row: Any, data_format: str, where: str) -> list[Turn]:
             raise DatasetError(
                 f"{where}: expected_answer must be a string (text), got {json.dumps(answer)[:80]}"
             )
-        return [user, Turn(role="assistant", content=answer)]
-    msgs = _messages(row["dialog"], f"{where}: dialog")
-    turns = [_turn(m, f"{where}: dialog[{i}]") for i, m in enumerate(msgs)]
+        return [user, Turn("assistant", answer)]
+    msgs = _messages(row["dialog"], where, "dialog")
+    turns = [_turn(m, where, "dialog", i) for i, m in enumerate(msgs)]
     if len(turns) < 2:
         raise DatasetError(
             f"{where}: dialog must hold at least a user and an assistant message, got {len(turns)}"
@@ -163,7 +173,10 @@ def _csv_rows(fh: IO[str], where: str) -> Iterator[dict[str, Any]]:
             raise DatasetError(
                 f"{where} row {index}: {len(cells)} cells, the header names {len(header)} columns"
             )
-        yield {name: (cells[i] if i < len(cells) else None) for i, name in enumerate(header)}
+        if len(cells) == len(header):
+            yield dict(zip(header, cells, strict=True))
+        else:  # a short row: the cells it lacks are absent values, as pandas has them
+            yield {name: (cells[i] if i < len(cells) else None) for i, name in enumerate(header)}
 
 
 def _jsonl_rows(fh: IO[str], where: str) -> Iterator[dict[str, Any]]:
@@ -265,7 +278,7 @@ def rows_digest() -> Any:
 
 
 def add_turns(digest: Any, turns: list[Turn]) -> None:
-    digest.update(json.dumps([[t.role, t.content] for t in turns], ensure_ascii=False).encode())
+    digest.update(_ENCODE([[t.role, t.content] for t in turns]).encode())
     digest.update(b"\n")
 
 
@@ -284,7 +297,7 @@ def normalize(
     with out.open("w", encoding="utf-8") as fh:
         for index, row in enumerate(iter_rows(path, file_format, dataset=dataset)):
             add_turns(digest, check_row(row, data_format, dataset=dataset, index=index))
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(_ENCODE(row) + "\n")
             count += 1
     if count == 0:
         raise DatasetError(f"dataset {dataset!r} ({str(path)!r}) has 0 rows; nothing to train on")

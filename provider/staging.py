@@ -134,9 +134,13 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+# One encoder for every row: json.dumps with options builds a new encoder on each call.
+_ENCODE: Final = json.JSONEncoder(ensure_ascii=False, default=_plain).encode
+
+
 def encode_row(row: dict[str, Any]) -> bytes:
     """One JSON line, keys as datasetio gave them."""
-    return (json.dumps(row, ensure_ascii=False, default=_plain) + "\n").encode("utf-8")
+    return (_ENCODE(row) + "\n").encode("utf-8")
 
 
 def _as_text(value: Any) -> Any:

@@ -88,6 +88,17 @@ def test_binary_mode_request_is_scheduled_and_completes(server, data_file):
     assert job_status(g.url, "bin-1")["status"] == "completed"
 
 
+def test_a_request_naming_etc_passwd_is_a_400_over_http(server, data_file):
+    g, _, _ = server
+    data = {**fake("passwd-1", data_file), "dataset": {"uri": "file:///etc/passwd"}}
+    status, _, body = post_binary(g.url, data)
+    assert status == 400
+    message = json.loads(body)["message"]
+    assert message.startswith("dataset.uri: 'file:///etc/passwd' is outside the allowed roots (")
+    assert "KFP_TRAINER_DATA_ROOTS" in message
+    assert job_status(g.url, "passwd-1") is None
+
+
 def test_structured_mode_request(server, data_file, tmp_path):
     g, sink, _ = server
     message = contract.to_http(
