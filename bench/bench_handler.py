@@ -594,12 +594,12 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                 ]
                 ports = [s.port for s in servers]
                 try:
-                    run_load(standin._port, "warm-c", 50, procs, threads, dataset, create_run=body)
+                    run_load(standin.port, "warm-c", 50, procs, threads, dataset, create_run=body)
                     run_load(ports, "warm-h", 50 * replicas, procs, threads, dataset)
                     name = "handler" if replicas == 1 else "handler x3"
                     for r in range(args.rounds):
                         for label, target, extra in (
-                            (f"create_run ({replicas})", standin._port, body),
+                            (f"create_run ({replicas})", standin.port, body),
                             (name, ports, None),
                         ):
                             rps, lat = run_load(

@@ -88,6 +88,10 @@ class KfpStandin:
         self.close()
 
     @property
+    def port(self) -> int:
+        return self._http.port
+
+    @property
     def url(self) -> str:
         return self._http.url
 

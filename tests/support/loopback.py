@@ -182,5 +182,9 @@ class RestartableServer:
             self._connections.discard(conn)
 
     @property
+    def port(self) -> int:
+        return self._port
+
+    @property
     def url(self) -> str:
         return f"{'https' if self._tls else 'http'}://127.0.0.1:{self._port}"
