@@ -338,6 +338,11 @@ def _summary(runs: list[dict[str, Any]], tokens: list[int]) -> dict[str, Any]:
     }
 
 
+def _load() -> str:
+    """The machine's load averages, printed with every figure (neighbours share the cores)."""
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def _spread(values: list[float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(min(values) / scale)}-{fmt.format(max(values) / scale)}"
 
@@ -383,7 +388,8 @@ def main() -> int:
     print(
         f"device: {device} ({where}); native bf16: {native}; dtype: {args.dtype}; "
         f"sequence <= {args.seq_len}, batch {args.batch_size}, {args.steps} steps, "
-        f"activation checkpointing {args.activation_checkpointing}, compile {args.compile}",
+        f"activation checkpointing {args.activation_checkpointing}, compile {args.compile}; "
+        f"{_load()}",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as name:
@@ -434,7 +440,7 @@ def main() -> int:
             ours.append({**run, "peak_rss_bytes": rss, "wall_seconds": wall})
             print(
                 f"ours   {i + 1}: {sum(timed_tokens) / sum(run['step_seconds']):8.1f} tok/s, "
-                f"peak RSS {rss / 2**30:.2f} GiB, {wall:.0f} s",
+                f"peak RSS {rss / 2**30:.2f} GiB, {wall:.0f} s, {_load()}",
                 flush=True,
             )
 
@@ -453,7 +459,7 @@ def main() -> int:
             theirs.append({**run, "peak_rss_bytes": rss, "wall_seconds": wall})
             print(
                 f"theirs {i + 1}: {sum(timed_tokens) / sum(run['step_seconds']):8.1f} tok/s, "
-                f"peak RSS {rss / 2**30:.2f} GiB, {wall:.0f} s",
+                f"peak RSS {rss / 2**30:.2f} GiB, {wall:.0f} s, {_load()}",
                 flush=True,
             )
 

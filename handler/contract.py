@@ -140,7 +140,21 @@ def now_iso() -> str:
     return timestamp(datetime.now(UTC)) or ""
 
 
-_PROGRESS_KEYS: Final = {"step": int, "total_steps": int, "epoch": int, "loss": (int, float)}
+_PROGRESS_KEYS: Final = {
+    "step": int,
+    "total_steps": int,
+    "epoch": int,
+    "loss": (int, float),
+    "lr": (int, float),
+    "grad_norm": (int, float),
+    # every finished epoch's report: tokens/s, peak memory and the settings that shaped them
+    "epochs": list,
+}
+
+
+def epoch_reports(progress: dict[str, Any] | None) -> int:
+    """How many epoch reports ``progress`` carries: a record with one more is announced at once."""
+    return len((progress or {}).get("epochs") or ())
 
 
 def progress_fields(raw: dict[str, Any] | None) -> dict[str, Any] | None:

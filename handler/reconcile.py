@@ -3,7 +3,8 @@
 The owning worker polls its running jobs (``poll_owned``); a ``run.finished`` hint or a ping
 asks at once (``refresh``, ``ping``). A terminal report finishes the job with its result and
 emits the terminal event once; progress is recorded and announced at most once per
-``KFP_TRAINER_PROGRESS_INTERVAL_S``. A job whose worker is gone (crash, restart, graceful stop)
+``KFP_TRAINER_PROGRESS_INTERVAL_S``, except that a record bringing a new epoch report is
+announced at once. A job whose worker is gone (crash, restart, graceful stop)
 is taken over by another (``take_over_orphans``); the process identity in ``procs`` tells a
 dead owner from a live one.
 """
@@ -131,6 +132,7 @@ class Reconciler:
             and (
                 job.progress_emitted_at is None
                 or time.time() - job.progress_emitted_at >= self.settings.progress_interval_s
+                or contract.epoch_reports(progress) > contract.epoch_reports(job.progress)
             )
         )
         return self.transitions.progress(job, progress, step if due else None)

@@ -19,18 +19,10 @@ from pipelines.task_events import TaskEvents
 log = logging.getLogger(__name__)
 
 FIELDS = ("step", "total_steps", "epoch", "loss", "updated_at")
-# Passed on when the recipe gives them: each step's lr and gradient norm, and on each epoch's
-# last step that epoch's speed, peak memory and the settings that shaped them.
-OPTIONAL_FIELDS = (
-    "lr",
-    "grad_norm",
-    "tokens",
-    "seconds",
-    "tokens_per_second",
-    "peak_memory_bytes",
-    "peak_memory",
-    "settings",
-)
+# Passed on when the recipe gives them: each step's lr and gradient norm, and from the end of
+# the first epoch on every finished epoch's report (tokens, seconds, tokens_per_second,
+# peak_memory_bytes, peak_memory, the settings that shaped them), as a list in every record.
+OPTIONAL_FIELDS = ("lr", "grad_norm", "epochs")
 
 
 class ProgressReporter:

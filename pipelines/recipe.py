@@ -451,6 +451,7 @@ class Trainer:
         checkpoints: list[dict[str, Any]] = []
         metrics: list[dict[str, Any]] = []
         peaks: list[int] = []
+        reports: list[dict[str, Any]] = []  # each finished epoch's speed, memory and settings
         self.model.train()
         for epoch in range(cfg.n_epochs):
             reset_peak_memory(self.device)
@@ -496,9 +497,11 @@ class Trainer:
                         "lr": self.scheduler.get_last_lr()[0],
                         "grad_norm": read[1] if norm is not None else None,
                     }
-                    if epoch_steps == self.steps_per_epoch:  # the epoch's last: its report too
+                    if epoch_steps == self.steps_per_epoch:  # the epoch's last: its report
                         report = self._epoch_report(started, epoch_inputs)
-                        record.update(report)
+                        reports.append({"epoch": epoch, "steps": epoch_steps, **report})
+                    if reports:  # every record carries them: a throttled record loses none
+                        record["epochs"] = list(reports)
                     self.progress(record)
                 if batch is None:
                     break

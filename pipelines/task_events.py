@@ -8,9 +8,11 @@ types and ids, so the contract stays defined in handler/contract.py alone; this 
 fills the job.status.json fields it knows (job_uuid, status, run_id, progress).
 
 Delivery is best effort and never slows training: one background thread sends the newest
-record, a newer step replaces an unsent older one (it says more), and every POST and PUT is
-bounded. Consumers dedupe by ``source`` + ``id``, so a repeated event is harmless. Every event
-carries the job's trace (the distributed-tracing extension's ``traceparent``/``tracestate``).
+record, a newer step replaces an unsent older one (it says more: every record carries all the
+epoch reports so far), a record bringing a new epoch report goes out at once rather than after
+the interval, and every POST and PUT is bounded. Consumers dedupe by ``source`` + ``id``, so a
+repeated event is harmless. Every event carries the job's trace (the distributed-tracing
+extension's ``traceparent``/``tracestate``).
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class TaskEvents:
         self._cond = threading.Condition()
         self._started = False  # job.started waiting to be sent
         self._latest: dict[str, Any] | None = None  # newest progress not yet sent
+        self._reports_taken = 0  # epoch reports in the newest record taken for sending
+        self._news = False  # _latest brings an epoch report not yet taken: send it now
         self._last_sent = 0.0
         self._closing = False
         self._session: Any = None
@@ -97,10 +101,13 @@ class TaskEvents:
             self._cond.notify()
 
     def progress(self, record: dict[str, Any]) -> None:
-        """Offer a progress record (step, total_steps, epoch, loss); sent at most once per
-        ``interval_s``, the newest one winning."""
+        """Offer a progress record (step, total_steps, epoch, loss, lr, grad_norm, epochs); sent
+        at most once per ``interval_s``, the newest one winning, except that one bringing a new
+        epoch report is sent without waiting."""
         with self._cond:
-            self._latest = {k: record.get(k) for k in ("step", "total_steps", "epoch", "loss")}
+            self._latest = dict(record)
+            if len(record.get("epochs") or ()) > self._reports_taken:
+                self._news = True
             self._cond.notify()
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -120,8 +127,9 @@ class TaskEvents:
                     self._started = False
                     return "started", None
                 wait = self._last_sent + self.config.interval_s - time.monotonic()
-                if self._latest is not None and (wait <= 0 or self._closing):
-                    record, self._latest = self._latest, None
+                if self._latest is not None and (wait <= 0 or self._closing or self._news):
+                    record, self._latest, self._news = self._latest, None, False
+                    self._reports_taken = len(record.get("epochs") or ())
                     return "progress", record
                 if self._closing:
                     return None

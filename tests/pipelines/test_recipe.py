@@ -228,8 +228,11 @@ def test_each_epoch_reports_speed_memory_and_settings(
         settings=TrainerSettings(max_grad_norm=0.5),
     )
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    epoch_records = [r for r in records if "tokens_per_second" in r]
-    assert [(r["epoch"], r["step"]) for r in epoch_records] == [(0, 2), (1, 4)]  # epochs' last
+    # From an epoch's last step on, every record carries every finished epoch's report.
+    assert [len(r.get("epochs", ())) for r in records] == [0, 1, 1, 2]
+    assert records[2]["epochs"] == records[1]["epochs"] == records[3]["epochs"][:1]
+    reports = records[3]["epochs"]
+    assert [(r["epoch"], r["steps"]) for r in reports] == [(0, 2), (1, 2)]
     want_settings = {
         "device": "cpu",
         "dtype": "fp32",
@@ -243,7 +246,7 @@ def test_each_epoch_reports_speed_memory_and_settings(
         "max_grad_norm": 0.5,
         "lora_rank": 4,
     }
-    for metrics, record in zip(result.metrics, epoch_records, strict=True):
+    for metrics, report in zip(result.metrics, reports, strict=True):
         assert metrics["tokens"] > 0 and metrics["seconds"] > 0
         assert metrics["tokens_per_second"] == pytest.approx(metrics["tokens"] / metrics["seconds"])
         assert metrics["peak_memory"] == "process_peak_rss"
@@ -251,14 +254,15 @@ def test_each_epoch_reports_speed_memory_and_settings(
         assert want_settings.items() <= metrics["settings"].items()
         assert metrics["settings"]["trainable_params"] > 0
         for key in ("tokens", "seconds", "tokens_per_second", "peak_memory_bytes", "settings"):
-            assert record[key] == metrics[key], key
+            assert report[key] == metrics[key], key
     resources = result.resources_allocated
     assert resources["peak_memory_bytes"] == max(m["peak_memory_bytes"] for m in result.metrics)
     assert resources["settings"] == result.metrics[0]["settings"]
-    # The progress file holds the last step's record, the epoch report in it.
+    # The progress file holds the last step's record, the epoch reports in it.
     written = json.loads((tmp_path / "progress.json").read_text())
-    assert written["step"] == 4 and written["settings"]["max_grad_norm"] == 0.5
-    assert written["tokens_per_second"] == result.metrics[1]["tokens_per_second"]
+    assert written["step"] == 4 and written["epochs"] == reports
+    assert written["epochs"][1]["settings"]["max_grad_norm"] == 0.5
+    assert written["grad_norm"] > 0 and written["lr"] == records[3]["lr"]
 
 
 # The torchtune 0.5.0 config each registry model's defaults come from.
