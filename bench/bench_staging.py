@@ -221,11 +221,22 @@ def main() -> int:
     if ("file", 100_000) in by and ("file", 1_000_000) in by:
         ratio = by["file", 1_000_000]["ready_s"] / by["file", 100_000]["ready_s"]
         print(f"file staging 1M / 100k time: {ratio:.1f}x (goal <= 10x)")
+        for way in ("datasetio", "baseline"):
+            if (way, 100_000) in by and (way, 1_000_000) in by:
+                ratio = by[way, 1_000_000]["ready_s"] / by[way, 100_000]["ready_s"]
+                print(f"{way} 1M / 100k time: {ratio:.1f}x")
     if ("file", 1_000_000) in by and ("baseline", 1_000_000) in by:
         ours, base = by["file", 1_000_000], by["baseline", 1_000_000]
         print(
             f"1M rows: file {ours['rows_per_s']:,.0f} rows/s vs baseline "
             f"{base['rows_per_s']:,.0f} rows/s ({ours['rows_per_s'] / base['rows_per_s']:.1f}x)"
+        )
+    if ("datasetio", 1_000_000) in by and ("baseline", 1_000_000) in by:
+        ours, base = by["datasetio", 1_000_000], by["baseline", 1_000_000]
+        print(
+            f"1M rows: datasetio paging {ours['ready_s']:.1f} s vs baseline "
+            f"{base['ready_s']:.1f} s "
+            f"({base['ready_s'] / ours['ready_s']:.2f}x the baseline's speed)"
         )
     for r in results:
         if r["way"] == "file" and r["rss_growth"] is not None:

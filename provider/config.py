@@ -126,8 +126,9 @@ class KfpTrainerConfig(BaseModel):
     dataset_page_max: int = Field(
         default=100_000,
         ge=1,
-        description="Most rows per datasetio iterrows page (localfs reads the whole source for "
-        "each page: fewer, larger pages cost less time, more memory). KFP_TRAINER_PAGE_MAX",
+        description="Most rows per datasetio iterrows page while a call costs its rows; a call "
+        "whose cost is mostly fixed (localfs reads the whole source for each) makes the next "
+        "page larger, until its rows outweigh that fixed part. KFP_TRAINER_PAGE_MAX",
     )
     dataset_reader: Literal["auto", "datasetio"] = Field(
         default="auto",

@@ -9,12 +9,20 @@ loop (:func:`stage`):
   semantics (pipelines.data: every cell as its text).
 
 Pages start small, so a bad first row is found at once, and grow by ``factor`` up to a
-ceiling, so a large dataset costs few calls (localfs re-reads the whole source for each one).
-Each page is checked row by row (the trainer's rules: the message names dataset, row and
-column), encoded and written to a :class:`Sink` (a local file here, S3 multipart in
-:mod:`provider.s3stage`) before the next is read: memory grows with the page, not the dataset.
-The blocking parts run in worker threads and ``await`` between pages, so the event loop keeps
-serving and a cancelled task stops at the next page.
+ceiling (:class:`PageSizes`). A datasetio call may cost more than its rows: localfs re-reads
+and converts the whole source on every ``iterrows``, so with any fixed ceiling the time grows
+with the square of the size. :class:`Pacing` measures each call and fits its cost as a fixed
+part plus a part per row; while the fixed part dominates, the next page grows past the
+ceiling until the rows outweigh it. A provider that pages for real keeps the ceiling (memory
+bounded by the page); one that re-reads everything gets a few large pages (linear time, and
+memory no more than the provider itself already takes for one call).
+
+Each row is checked (the trainer's rules: the message names dataset, row and column), encoded
+and appended to a buffer that goes to a :class:`Sink` (a local file here, S3 multipart in
+:mod:`provider.s3stage`) every :data:`WRITE_BYTES`: what is held is the page datasetio
+returned (none for a file read here, whose rows are encoded as they are read) and at most one
+buffer. The blocking parts run in worker threads and ``await`` between pages, so the event
+loop keeps serving and a cancelled task stops at the next page.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Awaitable, Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -38,6 +47,12 @@ REQUIRED_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
 }
 # A file read here costs the same per row whatever the page, so its pages stay small.
 FILE_PAGE_MAX: Final = 10_000
+# Encoded rows reach the sink in pieces of about this size (the one buffer staging holds).
+WRITE_BYTES: Final = 256 * 1024
+# A page grows past the ceiling until its rows cost this many times a call's fixed part.
+ROWS_OVER_FIXED: Final = 4
+# The least a row is taken to cost (s), so a clock too coarse to see it cannot divide by 0.
+MIN_ROW_S: Final = 1e-6
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,64 @@ class PageSizes:
         while True:
             yield size
             size = min(max(size * self.factor, size + 1), max(self.ceiling, self.first))
+
+
+class Pacing:
+    """The size of each next page: :class:`PageSizes`, or more while a call's fixed cost rules.
+
+    After each page, :meth:`observe` gets the rows it returned, the seconds the source took
+    to return them and the seconds spent checking and writing them. From the last two pages
+    of unlike size (one at least twice the other) the source's cost is fitted as
+    ``fixed + per_row * rows``; when ``fixed`` outweighs what the planned page's rows cost
+    (the source's per row plus ours), the page grows to ``ROWS_OVER_FIXED * fixed / row
+    cost`` rows, so a call's fixed part is at most a fifth of its time and the number of calls
+    stops growing with the dataset.
+
+    >>> pacing = Pacing(PageSizes(100, 1000))
+    >>> pacing.next(), pacing.observe(100, 2.0, 0.001), pacing.next()
+    (100, None, 400)
+    >>> pacing.observe(400, 2.0, 0.004), pacing.next()  # 2 s whatever the rows: re-reads all
+    (None, 800000)
+    """
+
+    def __init__(self, sizes: PageSizes) -> None:
+        self._planned = iter(sizes)
+        self._seen: list[tuple[int, float]] = []  # (rows returned, source seconds)
+        self._row_s = MIN_ROW_S  # our own cost per row (check, encode, write)
+
+    def observe(self, rows: int, source_s: float, copy_s: float) -> None:
+        """Record one page: its rows, the source's seconds, and ours."""
+        seen = (rows, max(0.0, source_s))
+        if self._seen and _alike(self._seen[-1][0], rows):  # same size: no slope to see
+            self._seen[-1] = seen
+        else:
+            self._seen = [*self._seen[-1:], seen]
+        if rows:
+            self._row_s = max(MIN_ROW_S, copy_s / rows)
+
+    def fitted(self) -> tuple[float, float] | None:
+        """The source's (fixed seconds, seconds per row) from the last two pages, if known."""
+        if len(self._seen) < 2:
+            return None
+        (r1, t1), (r2, t2) = self._seen
+        per_row = max(0.0, (t2 - t1) / (r2 - r1)) if r2 != r1 else 0.0
+        return max(0.0, t2 - per_row * r2), per_row
+
+    def next(self) -> int:
+        planned = next(self._planned)
+        fit = self.fitted()
+        if planned < 0 or fit is None:
+            return planned
+        fixed, per_row = fit
+        row_s = per_row + self._row_s
+        if fixed <= row_s * planned:
+            return planned
+        return max(planned, math.ceil(ROWS_OVER_FIXED * fixed / row_s))
+
+
+def _alike(a: int, b: int) -> bool:
+    """Page sizes too close to tell a call's fixed cost from its rows' (under 2x apart)."""
+    return max(a, b) < 2 * min(a, b)
 
 
 @dataclass(frozen=True)
@@ -171,15 +244,57 @@ def datasetio_row(row: Any, data_format: str, *, dataset: str, index: int) -> di
     return row
 
 
+class _Out:
+    """The staged bytes: hashed, counted and sent to the sink about every ``WRITE_BYTES``."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self._buffer = bytearray()
+
+    def add(self, line: bytes) -> None:
+        self._buffer += line
+        if len(self._buffer) >= WRITE_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            buffer, self._buffer = self._buffer, bytearray()
+            self.digest.update(buffer)
+            self.size += len(buffer)
+            self.sink.write(buffer)
+
+
+Ready = Callable[[Any, str, int], dict[str, Any]]
+
+
+def _copy(rows: Iterable[Any], ready: Ready, data_format: str, start: int, out: _Out) -> int:
+    """Check, encode and write ``rows`` (row ``start`` on); return how many there were."""
+    count = 0
+    for count, row in enumerate(rows, 1):
+        out.add(encode_row(ready(row, data_format, start + count - 1)))
+    out.flush()
+    return count
+
+
+@dataclass(frozen=True)
+class Copied:
+    """One page written: its rows, whether more follow, the source's seconds and ours."""
+
+    rows: int
+    more: bool
+    source_s: float
+    copy_s: float
+
+
 class PageSource(Protocol):
     """Where the rows of one dataset come from, one page at a time."""
 
-    async def page(self, start: int, limit: int) -> tuple[list[Any], bool]:
-        """Up to ``limit`` rows from row ``start`` on (-1: all), and whether more follow."""
-        ...
-
-    def ready(self, row: Any, data_format: str, index: int) -> dict[str, Any]:
-        """The row checked and as it is staged (see :func:`datasetio_row`)."""
+    async def copy(
+        self, start: int, limit: int, data_format: str, out: _Out, clock: Callable[[], float]
+    ) -> Copied:
+        """Write up to ``limit`` rows from row ``start`` on (-1: all) to ``out``, checked."""
         ...
 
 
@@ -195,6 +310,7 @@ class DatasetioPages:
         self.source = source
 
     async def page(self, start: int, limit: int) -> tuple[list[Any], bool]:
+        """Up to ``limit`` rows from row ``start`` on (-1: all), and whether more follow."""
         try:
             page = await self.datasetio.iterrows(
                 dataset_id=self.dataset_id, start_index=start, limit=limit
@@ -215,36 +331,40 @@ class DatasetioPages:
     def ready(self, row: Any, data_format: str, index: int) -> dict[str, Any]:
         return datasetio_row(row, data_format, dataset=self.dataset_id, index=index)
 
+    async def copy(
+        self, start: int, limit: int, data_format: str, out: _Out, clock: Callable[[], float]
+    ) -> Copied:
+        began = clock()
+        data, more = await self.page(start, limit)
+        fetched = clock()
+        count = await asyncio.to_thread(_copy, data, self.ready, data_format, start, out)
+        return Copied(count, more, fetched - began, clock() - fetched)
+
 
 class FilePages:
-    """Rows of a local CSV, JSONL or Parquet file, read here (pipelines.data semantics)."""
+    """Rows of a local CSV, JSONL or Parquet file, read here (pipelines.data semantics).
+
+    Rows are encoded as they are read, so a page holds no rows, only the write buffer.
+    """
 
     def __init__(self, path: Path, file_format: str, dataset_id: str) -> None:
         self.dataset_id = dataset_id
         self._rows: Iterator[dict[str, Any]] = iter_rows(path, file_format, dataset=dataset_id)
 
-    def _read(self, limit: int) -> tuple[list[Any], bool]:
-        if limit < 0:
-            return list(self._rows), False
-        data = list(islice(self._rows, limit))
-        return data, len(data) == limit
-
-    async def page(self, start: int, limit: int) -> tuple[list[Any], bool]:
-        return await asyncio.to_thread(self._read, limit)
-
     def ready(self, row: Any, data_format: str, index: int) -> dict[str, Any]:
         check_row(row, data_format, dataset=self.dataset_id, index=index)
         return row
 
+    async def copy(
+        self, start: int, limit: int, data_format: str, out: _Out, clock: Callable[[], float]
+    ) -> Copied:
+        began = clock()
+        rows = self._rows if limit < 0 else islice(self._rows, limit)
+        count = await asyncio.to_thread(_copy, rows, self.ready, data_format, start, out)
+        return Copied(count, limit >= 0 and count == limit, 0.0, clock() - began)
+
 
 Progress = Callable[[int, int], Awaitable[object]]  # (rows staged, bytes staged)
-
-
-def _encode_page(source: PageSource, data: list[Any], data_format: str, start: int) -> bytes:
-    chunk = bytearray()
-    for offset, row in enumerate(data):
-        chunk += encode_row(source.ready(row, data_format, start + offset))
-    return bytes(chunk)
 
 
 async def stage(
@@ -255,30 +375,27 @@ async def stage(
     data_format: str,
     pages: PageSizes,
     on_page: Progress | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> StagedDataset:
-    """Copy every row of ``source`` into ``sink`` as JSONL, page by page (growing).
+    """Copy every row of ``source`` into ``sink`` as JSONL, page by page (growing, :class:`Pacing`).
 
     :param on_page: called after each page is written, with the rows and bytes so far.
+    :param clock: what page costs are measured with.
     :raises DatasetError: no rows, a bad row (dataset, row and column named), an unreadable
         source (dataset and source named), or paging that stalls.
     :return: the staged dataset's URI, row count, sha256 and size.
     """
-    digest = hashlib.sha256()
-    rows = size = 0
+    out = _Out(sink)
+    pacing = Pacing(pages)
+    rows = 0
     try:
-        for limit in pages:
-            data, more = await source.page(rows, limit)
-            chunk = await asyncio.to_thread(_encode_page, source, data, data_format, rows)
-            count = len(data)
-            del data  # the page's rows are in ``chunk`` now: hold one copy, not two
-            if chunk:
-                digest.update(chunk)
-                size += len(chunk)
-                await asyncio.to_thread(sink.write, chunk)
-            rows += count
+        while True:
+            copied = await source.copy(rows, pacing.next(), data_format, out, clock)
+            pacing.observe(copied.rows, copied.source_s, copied.copy_s)
+            rows += copied.rows
             if on_page is not None:
-                await on_page(rows, size)
-            if not more:
+                await on_page(rows, out.size)
+            if not copied.more:
                 break
         if rows == 0:
             raise DatasetError(f"dataset {dataset_id!r} has 0 rows; nothing to train on")
@@ -286,7 +403,7 @@ async def stage(
     except BaseException:
         await asyncio.shield(asyncio.to_thread(sink.abort))
         raise
-    return StagedDataset(uri=uri, rows=rows, sha256=digest.hexdigest(), size=size)
+    return StagedDataset(uri=uri, rows=rows, sha256=out.digest.hexdigest(), size=out.size)
 
 
 async def stage_dataset(
@@ -299,6 +416,7 @@ async def stage_dataset(
     page_max: int = 100_000,
     source: str = "",
     on_page: Progress | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> StagedDataset:
     """Every row of a registered dataset through datasetio into ``sink`` (see :func:`stage`)."""
     return await stage(
@@ -308,6 +426,7 @@ async def stage_dataset(
         data_format=data_format,
         pages=PageSizes(page_size, page_max),
         on_page=on_page,
+        clock=clock,
     )
 
 

@@ -15,7 +15,14 @@ from llama_stack.providers.inline.datasetio.localfs.config import LocalFSDataset
 from llama_stack.providers.inline.datasetio.localfs.datasetio import LocalFSDatasetIOImpl
 from llama_stack.providers.utils.kvstore.config import SqliteKVStoreConfig
 
-from provider.staging import DatasetError, FileSink, PageSizes, stage_dataset, stage_file
+from provider.staging import (
+    DatasetError,
+    FileSink,
+    Pacing,
+    PageSizes,
+    stage_dataset,
+    stage_file,
+)
 
 
 class CountingDatasetIO:
@@ -85,6 +92,7 @@ def test_every_row_of_a_csv_is_staged_in_pages_that_grow(tmp_path) -> None:
             page_size=5,
             page_max=80,
             on_page=on_page,
+            clock=lambda: 0.0,  # calls that cost nothing: the planned sizes alone
         )
         return io, out, staged
 
@@ -115,6 +123,76 @@ def test_page_sizes() -> None:
     ]
     assert list(islice(PageSizes(-1, 10), 2)) == [-1, -1]  # everything in one iterrows call
     assert list(islice(PageSizes(500, 10), 2)) == [500, 500]  # the first is never cut
+
+
+class ScriptedClock:
+    """A clock that only moves when a datasetio call is made: ``cost(limit)`` seconds."""
+
+    def __init__(self, cost) -> None:
+        self.now = 0.0
+        self.cost = cost
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CostlyDatasetIO(CountingDatasetIO):
+    """Each iterrows call advances the clock by what the cost model says it costs."""
+
+    def __init__(self, inner: CountingDatasetIO, clock: ScriptedClock) -> None:
+        super().__init__(inner.inner)
+        self.clock = clock
+
+    async def iterrows(self, dataset_id, start_index=None, limit=None):
+        self.clock.now += self.clock.cost(limit)
+        return await super().iterrows(dataset_id, start_index=start_index, limit=limit)
+
+
+def _staged_calls(tmp_path, rows: int, cost) -> tuple[list, int]:
+    source = {"type": "uri", "uri": str(_write_csv(tmp_path / "c.csv", _rows(rows)))}
+    clock = ScriptedClock(cost)
+
+    async def go():
+        io = CostlyDatasetIO(await _datasetio(tmp_path, {"c": source}), clock)
+        staged = await stage_dataset(
+            io,
+            "c",
+            FileSink(tmp_path / "c.jsonl"),
+            data_format="instruct",
+            page_size=5,
+            page_max=80,
+            clock=clock,
+        )
+        return io.calls, staged.rows
+
+    return asyncio.run(go())
+
+
+def test_pages_outgrow_the_ceiling_when_a_call_costs_the_same_whatever_its_rows(tmp_path) -> None:
+    """localfs's way: every call re-reads the source. Three calls, not one per 80 rows."""
+    calls, rows = _staged_calls(tmp_path, 2000, cost=lambda limit: 1.0)
+    assert rows == 2000
+    # our own cost per row is taken as at least 1 us: 4 * 1 s / 1 us rows after two pages
+    assert calls == [(0, 5), (5, 20), (25, 4_000_000)]
+
+
+def test_pages_keep_the_ceiling_when_a_call_costs_its_rows(tmp_path) -> None:
+    """A provider that pages for real: memory stays bounded by the ceiling."""
+    calls, rows = _staged_calls(tmp_path, 300, cost=lambda limit: 0.001 * limit)
+    assert rows == 300
+    assert calls == [(0, 5), (5, 20), (25, 80), (105, 80), (185, 80), (265, 80)]
+
+
+def test_pacing_fits_a_fixed_and_a_per_row_cost() -> None:
+    pacing = Pacing(PageSizes(100, 1000))
+    assert pacing.next() == 100
+    pacing.observe(100, 0.05 + 100e-5, copy_s=100e-5)  # 50 ms a call, 10 us a row, ours 10 us
+    assert pacing.next() == 400
+    pacing.observe(400, 0.05 + 400e-5, copy_s=400e-5)
+    fixed, per_row = pacing.fitted()
+    assert (round(fixed, 6), round(per_row, 9)) == (0.05, 1e-5)
+    assert pacing.next() == 10_000  # 4 * 50 ms / (10 + 10 us): past the ceiling of 1000
+    assert Pacing(PageSizes(-1, 10)).next() == -1
 
 
 def test_one_page_of_everything_is_llama_stacks_own_way(tmp_path) -> None:
