@@ -10,6 +10,10 @@ passed on as it came, so logs and events still name the caller's trace.
 Each process has one tracer provider of its own, not the global one: inside ``llama stack run``
 llama-stack's telemetry owns the global provider. Short-lived processes call :func:`flush`
 before they exit; a span buffered in a batch processor is lost otherwise.
+
+A span begun by :func:`start` (a loop body that is not re-indented, such as an epoch) belongs
+to the :func:`span` it was begun in: an exception that leaves that span first ends it, with
+the exception recorded and an error status, so a failed epoch is exported as failed.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 # The CloudEvents distributed-tracing extension's attributes, and the pipeline parameters.
@@ -31,6 +37,10 @@ ENDPOINT_VARS: Final = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTL
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 _lock = threading.Lock()
 _provider: Any = None
+# The spans :func:`start` began inside the innermost :func:`span`, with their context tokens.
+_started: ContextVar[list[tuple[trace.Span, object]] | None] = ContextVar(
+    "kfp_trainer_started_spans", default=None
+)
 
 
 def enabled(env: Mapping[str, str] | None = None) -> bool:
@@ -113,13 +123,36 @@ def span(
 ) -> Iterator[trace.Span]:
     """A current span; ``parent`` (a carrier or a context) wins over the active one.
 
-    Exceptions are recorded on the span and re-raised.
+    Exceptions are recorded on the span (error status) and re-raised. Spans :func:`start`
+    began inside it and did not end are ended first: with the exception when one leaves.
     """
     context = parent if isinstance(parent, otel_context.Context) else context_of(parent)
-    with tracer(tracer_name).start_as_current_span(
-        name, context=context, kind=kind, attributes=_attributes(attributes)
-    ) as current:
-        yield current
+    started: list[tuple[trace.Span, object]] = []
+    outer = _started.set(started)
+    try:
+        with tracer(tracer_name).start_as_current_span(
+            name, context=context, kind=kind, attributes=_attributes(attributes)
+        ) as current:
+            try:
+                yield current
+            except BaseException as exc:
+                _end_started(started, exc)
+                raise
+            finally:
+                _end_started(started, None)
+    finally:
+        _started.reset(outer)
+
+
+def _end_started(started: list[tuple[trace.Span, object]], exc: BaseException | None) -> None:
+    """End what :func:`start` left open, innermost first, restoring each previous context."""
+    while started:
+        current, token = started.pop()
+        if exc is not None:
+            current.record_exception(exc)
+            current.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        current.end()
+        otel_context.detach(token)
 
 
 def start(
@@ -130,15 +163,22 @@ def start(
 ) -> tuple[trace.Span, object]:
     """Start a child of the active span and make it current, without a ``with`` block.
 
-    For a loop body that should not be re-indented: ``end(*started)`` closes it.
+    For a loop body that should not be re-indented: ``end(*started)`` closes it. Begun inside
+    a :func:`span`, it is ended by that span if an exception leaves first (error status).
     """
     current = tracer(tracer_name).start_span(name, attributes=_attributes(attributes))
     token = otel_context.attach(trace.set_span_in_context(current))
+    started = _started.get()
+    if started is not None:
+        started.append((current, token))
     return current, token
 
 
 def end(current: trace.Span, token: object, attributes: Mapping[str, Any] | None = None) -> None:
     """Set ``attributes``, end the span :func:`start` began and restore the previous one."""
+    started = _started.get()
+    if started is not None and (current, token) in started:
+        started.remove((current, token))
     current.set_attributes(_attributes(attributes))
     current.end()
     otel_context.detach(token)

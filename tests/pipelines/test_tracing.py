@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from opentelemetry import trace
 
 from pipelines import tracing
@@ -85,3 +86,36 @@ def test_a_bad_traceparent_starts_no_trace() -> None:
     assert tracing.context_of({"tracestate": "a=1"}) is None
     context = tracing.context_of({"traceparent": TRACEPARENT})
     assert f"{trace.get_current_span(context).get_span_context().span_id:016x}" == CALLER_SPAN
+
+
+def test_a_span_begun_without_a_block_ends_failed_when_an_exception_leaves(monkeypatch) -> None:
+    """An epoch that raises (start/end, no ``with``) is exported ended, with the error."""
+    with OtlpReceiver() as otlp:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url)
+        tracing.shutdown()
+        try:
+            tracing.init("test")
+            with (
+                pytest.raises(FloatingPointError),
+                tracing.span("test", "train", parent={"traceparent": TRACEPARENT}),
+            ):
+                for epoch in range(3):
+                    started = tracing.start("test", "epoch", attributes={"epoch": epoch})
+                    if epoch == 1:
+                        raise FloatingPointError("training loss became nan at step 2")
+                    tracing.end(*started, attributes={"loss": 1.5})
+            assert tracing.carrier() == {}  # the context is the one before the run
+            tracing.flush()
+        finally:
+            tracing.shutdown()
+        spans = otlp.trace(CALLER_TRACE)
+    (train,) = [s for s in spans if s.name == "train"]
+    first, failed = sorted(children(spans, train), key=lambda s: s.attributes["epoch"])
+    assert (first.status_code, first.attributes["loss"]) == (0, 1.5)
+    assert failed.status_code == train.status_code == 2  # error
+    assert failed.status_message == "FloatingPointError: training loss became nan at step 2"
+    assert failed.end_ns >= failed.start_ns > 0
+    ((name, attributes),) = failed.events
+    assert name == "exception"
+    assert attributes["exception.type"] == "FloatingPointError"
+    assert attributes["exception.message"] == "training loss became nan at step 2"

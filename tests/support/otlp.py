@@ -39,7 +39,9 @@ class ReceivedSpan:
     attributes: dict[str, Any] = field(default_factory=dict)
     start_ns: int = 0
     end_ns: int = 0
-    status_code: int = 0
+    status_code: int = 0  # 0 unset, 1 ok, 2 error
+    status_message: str = ""
+    events: tuple[tuple[str, dict[str, Any]], ...] = ()  # (name, attributes), in order
 
 
 def _value(value: AnyValue) -> Any:
@@ -73,6 +75,11 @@ def decode(body: bytes) -> list[ReceivedSpan]:
                         start_ns=span.start_time_unix_nano,
                         end_ns=span.end_time_unix_nano,
                         status_code=span.status.code,
+                        status_message=span.status.message,
+                        events=tuple(
+                            (e.name, {kv.key: _value(kv.value) for kv in e.attributes})
+                            for e in span.events
+                        ),
                     )
                 )
     return spans
