@@ -135,6 +135,13 @@ class KfpTrainerConfig(BaseModel):
         description="auto: CSV/JSONL/Parquet files by reference or read directly (cells as "
         "text); datasetio: every dataset's rows through datasetio. KFP_TRAINER_DATASET_READER",
     )
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="json: the provider's (and in local mode the handler's and pipelines') "
+        "lines come out of llama-stack's log handlers as one JSON object each, the format of "
+        "every other process of this project; llama-stack's own lines keep its format. text: "
+        "llama-stack's format for all. KFP_TRAINER_LOG_FORMAT",
+    )
     checkpoint_format: Literal["meta", "huggingface"] = Field(
         default="meta", description="KFP_TRAINER_CHECKPOINT_FORMAT"
     )
@@ -212,6 +219,7 @@ class KfpTrainerConfig(BaseModel):
             "dataset_page_size": "${env.KFP_TRAINER_PAGE_SIZE:100}",
             "dataset_page_max": "${env.KFP_TRAINER_PAGE_MAX:100000}",
             "dataset_reader": "${env.KFP_TRAINER_DATASET_READER:auto}",
+            "log_format": "${env.KFP_TRAINER_LOG_FORMAT:json}",
             "checkpoint_format": "${env.KFP_TRAINER_CHECKPOINT_FORMAT:meta}",
             "base_image": "${env.KFP_TRAINER_BASE_IMAGE:}",
             "gpu": {

@@ -148,7 +148,7 @@ class KfpTrainerPostTraining:
 
     async def initialize(self) -> None:
         """Open the job store, start the transport, catch up on jobs that moved while down."""
-        logs.configure()
+        logs.configure(self.config.log_format)
         tracing.init(SERVICE_NAME)
         self.config.state_path.mkdir(parents=True, exist_ok=True)
         self._store.start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.logs import COMMON_FIELDS
 from provider.launcher import ROOT, StackServer
+from provider.logs import OURS
 from tests.support.jobs import lora, training_config
 from tests.support.otlp import OtlpReceiver
 from tests.support.sink import Sink
@@ -261,11 +264,45 @@ def test_one_trace_from_the_fine_tune_call_to_the_checkpoint(stack, trained, otl
     assert completed["traceparent"].split("-")[2] == ended.span_id
 
 
-def test_the_provider_logs_through_llama_stack(stack, trained) -> None:
-    """Its lines reach llama-stack's own log file, in llama-stack's format and category."""
-    log = stack.log_file.read_text()
-    assert "provider.impl" in log and "kfp-torchtune provider ready" in log
-    assert "core: job requested" in log
+# A line in llama-stack's format (file: "<time> name:line category: msg"; console: rich's).
+_LLAMA_STACK_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\S+):\d+ \S+: ")
+
+
+def test_our_lines_are_json_through_llama_stacks_handlers(stack, trained, otlp) -> None:
+    """run.yaml's log_format json: in llama-stack's log file and on its console, every line of
+    the provider, the in-process handler and the pipelines is one JSON object with the common
+    fields, and those of job-a carry its job_uuid and trace_id; llama-stack's own lines keep
+    its format (they are still there: the same handlers wrote both)."""
+    (started,) = [
+        s for s in otlp.wait_for_span("supervised_fine_tune") if s.attributes["job_uuid"] == "job-a"
+    ]
+    for path in (stack.log_file, stack.console_log):
+        lines = path.read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        theirs = {m.group(1) for line in lines if (m := _LLAMA_STACK_LINE.search(line))}
+        assert "llama_stack.distribution.server.server" in theirs, path
+        assert not {name for name in theirs if name.partition(".")[0] in OURS}, path
+        assert all(tuple(r)[: len(COMMON_FIELDS)] == COMMON_FIELDS for r in records), path
+        loggers = {r["logger"] for r in records}
+        assert {"provider.impl", "provider.submission", "handler.service"} <= loggers, path
+        job = [r for r in records if r.get("job_uuid") == "job-a"]
+        assert {"job accepted; staging its datasets", "job requested"} <= {r["msg"] for r in job}
+        assert {r.get("trace_id") for r in job} == {started.trace_id}, path
+
+
+def test_the_training_run_log_is_json_lines_of_the_job(stack, trained, workspace, otlp) -> None:
+    """The local run's log (KFP's local runner, the train and exit tasks): every line JSON with
+    the common fields and job-a's job_uuid; ours, written inside the task's spans, its trace."""
+    (started,) = [
+        s for s in otlp.wait_for_span("supervised_fine_tune") if s.attributes["job_uuid"] == "job-a"
+    ]
+    lines = (workspace["state"] / "jobs" / "job-a" / "run.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert records and all(tuple(r)[: len(COMMON_FIELDS)] == COMMON_FIELDS for r in records)
+    assert {r["job_uuid"] for r in records} == {"job-a"}
+    ours = [r for r in records if r["logger"].startswith("pipelines.")]
+    assert "epoch finished" in {r["msg"] for r in ours}
+    assert {r.get("trace_id") for r in ours} == {started.trace_id}
 
 
 def test_list_names_the_job(stack, trained) -> None:
