@@ -366,6 +366,32 @@ def test_cell_text_reaches_the_trainer_as_written(twins, workspace) -> None:
     assert [r["expected_answer"] for r in twins["rows"][:3]] == ["007", "NA", "3.50"]
 
 
+def test_a_bad_row_in_a_dataset_passed_by_reference_fails_the_job_naming_it(
+    stack, workspace, sink
+) -> None:
+    """Past the rows checked at submit, the trainer finds it (s3:// and https:// datasets are
+    read by the same code): the job ends failed naming dataset id, row and column."""
+    client = _client(stack)
+    rows = [_row(i) for i in range(1_000)]
+    rows[500] = {**rows[500], "chat_completion_input": "plain text"}
+    _register(
+        client,
+        "bad-ref",
+        {"type": "uri", "uri": str(_write_csv(workspace["data"] / "bad.csv", rows))},
+    )
+    _fine_tune(client, "bad-ref-1", "bad-ref")
+    final = _wait(client, "bad-ref-1", {"failed", "completed"})
+    assert final["status"] == "failed", final
+    assert final["datasets"]["dataset"]["delivery"] == "by_reference"
+    assert "dataset 'bad-ref' row 500: chat_completion_input is not valid JSON" in final["error"]
+    deadline = time.monotonic() + 30
+    while not [e for e in sink.of("bad-ref-1") if e["type"].endswith("job.failed")]:
+        assert time.monotonic() < deadline, sink.of("bad-ref-1")
+        time.sleep(0.2)
+    (failed,) = [e for e in sink.of("bad-ref-1") if e["type"].endswith("job.failed")]
+    assert failed["data"]["error"] == final["error"]
+
+
 # -- a client's retry --------------------------------------------------------------------------
 
 
