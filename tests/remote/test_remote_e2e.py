@@ -8,7 +8,9 @@ delivered it to the handler, whose 200 reply the Broker routed on.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,55 @@ class World:
         data["training_config"].update(training)
         return data
 
+    def fine_tune_through_llama_stack(
+        self, tmp_path: Path, job_uuid: str, dataset_id: str, uri: str, **stack_env: str
+    ) -> tuple[dict, object]:
+        """A remote-mode ``llama stack run`` (with ``stack_env``) registers ``uri`` as
+        ``dataset_id`` and fine-tunes on it; (the status right after the call, the final one)."""
+        from provider.client import connect
+
+        stack = _remote_stack(self, tmp_path)
+        stack.env.update(stack_env)
+        stack.start()
+        try:
+            client = connect(stack.url, timeout=30)
+            client.datasets.register(
+                purpose="post-training/messages",
+                source={"type": "uri", "uri": uri},
+                dataset_id=dataset_id,
+            )
+            training = self.request("unused")["training_config"]
+            training["data_config"]["dataset_id"] = dataset_id
+            client.post_training.supervised_fine_tune(
+                job_uuid=job_uuid,
+                model="llama3.2-tiny",
+                training_config=training,
+                algorithm_config=self.request("unused")["algorithm_config"],
+                hyperparam_search_config={},
+                logger_config={},
+            )
+            first = client.post_training.job.status(job_uuid=job_uuid).to_dict()
+
+            def done():
+                status = client.post_training.job.status(job_uuid=job_uuid)
+                return status if status.status in ("completed", "failed", "cancelled") else None
+
+            final = wait_for(done, RUN_TIMEOUT_S, "the provider's status to end", every=1.0)
+            assert final.status == "completed", (final, stack.tail())
+            return first, final
+        finally:
+            stack.stop()
+
+    def result(self, job_uuid: str) -> dict:
+        """The run's result.json in S3 (what the train task recorded)."""
+        import boto3
+
+        key = f"{fx.PREFIX}/jobs/{job_uuid}/result.json"
+        body = boto3.client("s3", endpoint_url=self.remote.s3_endpoint_url).get_object(
+            Bucket=self.remote.s3_bucket, Key=key
+        )["Body"]
+        return json.loads(body.read())
+
     def close(self) -> None:
         if self.handler is not None:
             self.handler.stop()
@@ -98,30 +149,43 @@ class World:
         self.otlp.__exit__(None, None, None)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, moto_url):
-    tmp = tmp_path_factory.mktemp("remote-e2e")
+@contextlib.contextmanager
+def running_world(
+    tmp: Path, moto_url: str, bucket: str, env: Callable[[World], dict[str, str]]
+) -> Iterator[World]:
+    """A World whose remote handler runs with the base env, the world's KFP and Broker, and
+    ``env(world)``."""
     mp = pytest.MonkeyPatch()
-    remote, token_file, base_env = fx.remote_setup(tmp, moto_url, "remote-e2e", TOKENS[0], mp)
+    remote, token_file, base_env = fx.remote_setup(tmp, moto_url, bucket, TOKENS[0], mp)
     world = World(tmp, remote, token_file)
-    env = {
-        **base_env,
-        "KFP_HOST": world.standin.url,
-        "KFP_EXPERIMENT": "e2e",
-        # No KFP_TRAINER_MODEL_STORE: remote mode's default (upload-model's place) serves.
-        "K_SINK": world.broker.url,
-        "KFP_TRAINER_RETRY_AFTER_S": "3",
-        # Tracing on: the handler exports, and hands the endpoint on to the runs' tasks.
-        "OTEL_EXPORTER_OTLP_ENDPOINT": world.otlp.url,
-        "OTEL_BSP_SCHEDULE_DELAY": "200",
-    }
     try:
-        world.handler_env = env
-        world.handler = RemoteHandler(env, tmp / "handler.log").start()
+        world.handler_env = {
+            **base_env,
+            "KFP_HOST": world.standin.url,
+            # No KFP_TRAINER_MODEL_STORE: remote mode's default (upload-model's place) serves.
+            "K_SINK": world.broker.url,
+            **env(world),
+        }
+        world.handler = RemoteHandler(world.handler_env, tmp / "handler.log").start()
         yield world
     finally:
         world.close()
         mp.undo()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, moto_url):
+    def env(world: World) -> dict[str, str]:
+        return {
+            "KFP_EXPERIMENT": "e2e",
+            "KFP_TRAINER_RETRY_AFTER_S": "3",
+            # Tracing on: the handler exports, and hands the endpoint on to the runs' tasks.
+            "OTEL_EXPORTER_OTLP_ENDPOINT": world.otlp.url,
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+        }
+
+    with running_world(tmp_path_factory.mktemp("remote-e2e"), moto_url, "remote-e2e", env) as w:
+        yield w
 
 
 def test_curl_to_job_completed_through_the_broker(world):
@@ -374,8 +438,6 @@ def test_an_s3_dataset_is_passed_by_reference_and_never_uploaded_again(world, tm
 
     import boto3
 
-    from provider.client import connect
-
     lines = ["chat_completion_input,expected_answer"]
     for i in range(20):
         lines.append(f'"[{{""role"": ""user"", ""content"": ""Agent {i}?""}}]",00{i % 10}')
@@ -385,48 +447,13 @@ def test_an_s3_dataset_is_passed_by_reference_and_never_uploaded_again(world, tm
         Bucket=world.remote.s3_bucket, Key=key, Body=body
     )
     uri = f"s3://{world.remote.s3_bucket}/{key}"
-    stack = _remote_stack(world, tmp_path)
-    stack.start()
-    try:
-        client = connect(stack.url, timeout=30)
-        client.datasets.register(
-            purpose="post-training/messages",
-            source={"type": "uri", "uri": uri},
-            dataset_id="agents",
-        )
-        training = world.request("unused")["training_config"]
-        training["data_config"]["dataset_id"] = "agents"
-        client.post_training.supervised_fine_tune(
-            job_uuid="e2e-by-ref",
-            model="llama3.2-tiny",
-            training_config=training,
-            algorithm_config=world.request("unused")["algorithm_config"],
-            hyperparam_search_config={},
-            logger_config={},
-        )
-        first = client.post_training.job.status(job_uuid="e2e-by-ref").to_dict()
-        assert first["datasets"]["dataset"]["delivery"] == "by_reference", first
-
-        def done():
-            status = client.post_training.job.status(job_uuid="e2e-by-ref")
-            return status if status.status in ("completed", "failed", "cancelled") else None
-
-        status = wait_for(done, RUN_TIMEOUT_S, "the provider's status to end", every=1.0)
-        assert status.status == "completed", (status, stack.tail())
-        assert status.dataset_rows == 20
-    finally:
-        stack.stop()
+    first, status = world.fine_tune_through_llama_stack(tmp_path, "e2e-by-ref", "agents", uri)
+    assert first["datasets"]["dataset"]["delivery"] == "by_reference", first
+    assert status.dataset_rows == 20
     assert fx.list_keys(world.remote, f"{fx.PREFIX}/datasets/e2e-by-ref/") == []  # no copy
     (run,) = world.runs_named("e2e-by-ref")
     assert run["runtime_config"]["parameters"]["dataset_uri"] == uri
-    manifest = json.loads(
-        boto3.client("s3", endpoint_url=world.remote.s3_endpoint_url)
-        .get_object(Bucket=world.remote.s3_bucket, Key=f"{fx.PREFIX}/jobs/e2e-by-ref/result.json")[
-            "Body"
-        ]
-        .read()
-    )
-    read = manifest["datasets"]["dataset"]
+    read = world.result("e2e-by-ref")["datasets"]["dataset"]
     assert (read["uri"], read["format"], read["rows"]) == (uri, "csv", 20)
     assert read["sha256"] == hashlib.sha256(body).hexdigest()
 
