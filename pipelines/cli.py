@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
     problems = check_request(request)
     if problems:
         return _fail(request, "; ".join(problems), args.out)
-    logs.set_job(request["job_uuid"])
+    logs.set_job(request["job_uuid"], request.get("trace"))
     workdir = args.workdir or _state_dir() / "runs" / request["job_uuid"]
     tracing.init(SERVICE_NAME)
     try:

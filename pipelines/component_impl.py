@@ -200,7 +200,7 @@ def run_train(
     :raises TrainingFailed: after writing a failed result.json, naming the problem.
     """
     logs.configure(os.environ.get("KFP_TRAINER_LOG_LEVEL", "INFO"))
-    logs.set_job(job_uuid)
+    logs.set_job(job_uuid, trace)
     tracing.init(SERVICE_NAME)
     try:
         with tracing.span(TRACER, "train", parent=trace, attributes={"job_uuid": job_uuid}):

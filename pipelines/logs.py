@@ -2,9 +2,10 @@
 
 Each line has ``ts``, ``level``, ``logger`` and ``msg``; ``job_uuid`` while a job is being worked
 on (the call's own ``job_uuid``, else :func:`job_context`'s); ``trace_id`` and ``span_id`` while an
-OpenTelemetry span is active; then every field the call passed in ``extra``; ``exc`` for a
-traceback. python-json-logger writes the JSON. pipelines/ is the lowest layer, so handler/ (and
-gunicorn through it) use this formatter too; the provider logs through llama-stack's logging.
+OpenTelemetry span is active (outside one, in a task process, the job's ``trace_id``); then every
+field the call passed in ``extra``; ``exc`` for a traceback. python-json-logger writes the JSON.
+pipelines/ is the lowest layer, so handler/ (and gunicorn through it) use this formatter too; the
+provider logs through llama-stack's logging, with this formatter on its handlers.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any, Final, TextIO
 
-from opentelemetry import trace
+from opentelemetry import trace as trace_api
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
+
+from pipelines import tracing
 
 COMMON_FIELDS: Final = ("ts", "level", "logger", "msg")
 _RENAMED: Final = {"levelname": "level", "name": "logger", "message": "msg", "exc_info": "exc"}
@@ -34,6 +37,8 @@ _ANSI: Final = re.compile(r"\x1b\[[0-9;]*m")
 _LEVEL: Final = re.compile(r"^[\d:.]+ - (DEBUG|INFO|WARNING|ERROR|CRITICAL) - ")
 
 _job_uuid: ContextVar[str | None] = ContextVar("kfp_trainer_job_uuid", default=None)
+# The job's trace (hex id), for the lines a task process writes outside its own spans.
+_job_trace: ContextVar[str | None] = ContextVar("kfp_trainer_job_trace", default=None)
 
 
 @contextlib.contextmanager
@@ -46,9 +51,16 @@ def job_context(job_uuid: str | None) -> Iterator[None]:
         _job_uuid.reset(token)
 
 
-def set_job(job_uuid: str | None) -> None:
-    """For a process that works on one job from start to end (a training task)."""
+def set_job(job_uuid: str | None, trace: Mapping[str, Any] | None = None) -> None:
+    """For a process that works on one job from start to end (a training task).
+
+    ``trace`` (the job's ``traceparent``) names the trace on the lines written outside any
+    span of this process (a library's, after the task's span ended); they get no ``span_id``.
+    """
     _job_uuid.set(job_uuid)
+    context = tracing.context_of(trace)
+    span = trace_api.get_current_span(context).get_span_context() if context else None
+    _job_trace.set(trace_api.format_trace_id(span.trace_id) if span else None)
 
 
 class JsonFormatter(_JsonFormatter):
@@ -66,10 +78,12 @@ class JsonFormatter(_JsonFormatter):
         super().add_fields(log_data, record, message_dict)
         if log_data.get("job_uuid") is None and (job := _job_uuid.get()) is not None:
             log_data["job_uuid"] = job
-        context = trace.get_current_span().get_span_context()
+        context = trace_api.get_current_span().get_span_context()
         if context.is_valid:
-            log_data.setdefault("trace_id", trace.format_trace_id(context.trace_id))
-            log_data.setdefault("span_id", trace.format_span_id(context.span_id))
+            log_data.setdefault("trace_id", trace_api.format_trace_id(context.trace_id))
+            log_data.setdefault("span_id", trace_api.format_span_id(context.span_id))
+        elif (job_trace := _job_trace.get()) is not None:
+            log_data.setdefault("trace_id", job_trace)
 
     def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
         first = {key: log_data.pop(key) for key in COMMON_FIELDS if key in log_data}

@@ -76,7 +76,7 @@ def post_run_finished(
     from pipelines import logs, tracing
 
     logs.configure(os.environ.get("KFP_TRAINER_LOG_LEVEL", "INFO"))
-    logs.set_job(job_uuid)
+    logs.set_job(job_uuid, trace)
     tracing.init(SERVICE_NAME)
     try:
         attributes = {"job_uuid": job_uuid, "state": state}

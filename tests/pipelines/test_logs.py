@@ -89,3 +89,24 @@ def test_plain_lines_become_records_and_json_lines_pass_through() -> None:
         ("INFO", "[1, 2]"),
         ("INFO", "no newline"),
     ]
+
+
+def test_a_task_process_names_its_jobs_trace_outside_its_spans(captured) -> None:
+    """A line a library writes after the task's span ended still names the job and its trace."""
+    log = logging.getLogger("pipelines.test_logs")
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    tracer = TracerProvider().get_tracer("test")
+    try:
+        logs.set_job("j-3", {"traceparent": f"00-{trace_id}-{parent}-01"})
+        log.info("before the span")
+        with tracer.start_as_current_span("train") as span:
+            log.info("inside")
+        logs.set_job("j-4", {"traceparent": "00-not-a-trace-01"})
+        log.info("a bad traceparent names no trace")
+    finally:
+        logs.set_job(None)
+    before, inside, bad = lines(captured)
+    assert (before["job_uuid"], before["trace_id"]) == ("j-3", trace_id)
+    assert "span_id" not in before
+    assert inside["span_id"] == f"{span.get_span_context().span_id:016x}"
+    assert bad["job_uuid"] == "j-4" and "trace_id" not in bad
