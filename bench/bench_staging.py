@@ -5,8 +5,9 @@ handler with the ``hold`` backend, so nothing trains and disturbs the timing), f
 of 10k, 100k and 1M rows, each way a dataset can reach the trainer, in one run:
 
   file       ours: a local CSV outside the allowed roots, read here and staged page by page
-  datasetio  ours: the same CSV through datasetio ``iterrows`` in growing pages
-             (KFP_TRAINER_DATASET_READER=datasetio)
+  datasetio  ours: the same CSV through datasetio ``iterrows`` in growing pages, past the
+             ceiling while a call's fixed cost dominates (provider.staging.Pacing; localfs
+             re-reads the file per call) (KFP_TRAINER_DATASET_READER=datasetio)
   baseline   llama-stack's own approach: one ``iterrows(limit=-1)`` into memory, then staged
              (KFP_TRAINER_DATASET_READER=datasetio, KFP_TRAINER_PAGE_SIZE=-1)
   by-ref     the CSV inside KFP_TRAINER_DATA_ROOTS: passed by reference, nothing staged (the
