@@ -12,7 +12,9 @@ Both get the same model (the Hugging Face layout, as torchtune's configs read it
 (torchtune's llama3_2/1B_lora_single_device.yaml: q, v and output projections plus the MLP,
 rank 64, alpha 128), batches (no shuffle), sequence length, batch size, dtype, optimizer (AdamW,
 fused on CUDA), schedule, chunked loss, clipping at 1.0 and activation settings, and both save
-their merged checkpoint at the end.
+their merged checkpoint at the end. The one difference in the work: ours hands the output
+projection contiguous chunks (``pipelines.recipe.contiguous_output_chunks``); torchtune's
+recipe, at a batch of more than one sample, copies the vocabulary matrix for every chunk.
 
 Measured, per run:
 
@@ -25,7 +27,8 @@ Measured, per run:
   (``wait4``), loading and saving included.
 
 Prints the medians over --repeat runs of each, their spread (min-max) and the ratios against
-the goals (ours >= 0.95x their tokens/s, <= 1.05x their peak memory). Runs unchanged on CUDA
+the goals (ours >= 0.95x their tokens/s, <= 1.05x their peak memory), with the machine's load
+averages beside every run (the cores may be shared). Runs unchanged on CUDA
 (longer sequences, bigger batches by default).
 
     .venv/bin/python bench/bench_trainer.py [--repeat 3] [--steps 6] [--seq-len 128]
