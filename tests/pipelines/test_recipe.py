@@ -89,15 +89,19 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("batch_size", [1, 4])
 def test_the_output_projection_is_one_matrix_product_per_chunk(
-    tmp_path: Path, tiny_fp32: dict[str, Path]
+    tmp_path: Path, tiny_fp32: dict[str, Path], batch_size: int
 ) -> None:
-    # With a batch of several samples the sequence chunks are strided views; projecting one
-    # as it is runs bmm against the vocabulary matrix copied per sample (35 s of a 37 s step of
-    # the 1B model on CPU). The recipe hands the projection contiguous chunks instead.
-    trainer = _trainer(tmp_path, _request(tmp_path, tiny_fp32["meta"]))
+    # The sequence chunks are strided views (at one sample too, though torch calls that one
+    # contiguous); projecting one as it is runs bmm against the vocabulary matrix copied per
+    # sample (35 s of a 37 s step of the 1B model on CPU). The recipe hands the projection a
+    # row-major copy of each chunk instead.
+    request = _request(tmp_path, tiny_fp32["meta"])
+    request["training_config"]["data_config"]["batch_size"] = batch_size
+    trainer = _trainer(tmp_path, request)
     batch = next(iter(trainer.train_loader))
-    assert batch["tokens"].shape[0] > 1
+    assert batch["tokens"].shape[0] == batch_size
     vocab = MODELS["llama3.2-tiny"].arch.vocab_size
     with _Ops() as recorded:
         loss, n_labels, _ = trainer._loss_sum(batch)
@@ -106,7 +110,7 @@ def test_the_output_projection_is_one_matrix_product_per_chunk(
     projections = [s for op, s in recorded.ops if op == "mm" and s[-1][-1] == vocab]
     assert len(projections) == LOSS_CHUNKS  # one 2-D product per chunk
     # The same numbers as the strided projection.
-    plain = _trainer(tmp_path / "plain", _request(tmp_path / "plain", tiny_fp32["meta"]))
+    plain = _trainer(tmp_path / "plain", request)
     plain_hooks = plain.model.output.linear._forward_pre_hooks
     assert len(plain_hooks) == 1
     plain_hooks.clear()
