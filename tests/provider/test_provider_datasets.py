@@ -247,11 +247,7 @@ def test_a_bad_row_at_150000_fails_the_job_naming_row_and_column(stack, workspac
     ), final["error"]
     assert final["progress"]["phase"] == "ended"
     assert 0 < final["progress"]["rows_staged"] <= 150_000
-    deadline = time.monotonic() + 30
-    while not [e for e in sink.of("bad-1") if e["type"].endswith("job.failed")]:
-        assert time.monotonic() < deadline, sink.of("bad-1")
-        time.sleep(0.2)
-    (failed,) = [e for e in sink.of("bad-1") if e["type"].endswith("job.failed")]
+    failed = _job_failed_event(sink, "bad-1")
     assert failed["data"]["error"] == final["error"]
     assert failed["id"] == "bad-1/job.failed"
     assert not (workspace["state"] / "jobs" / "bad-1").exists()  # it never reached the handler
@@ -384,12 +380,18 @@ def test_a_bad_row_in_a_dataset_passed_by_reference_fails_the_job_naming_it(
     assert final["status"] == "failed", final
     assert final["datasets"]["dataset"]["delivery"] == "by_reference"
     assert "dataset 'bad-ref' row 500: chat_completion_input is not valid JSON" in final["error"]
-    deadline = time.monotonic() + 30
-    while not [e for e in sink.of("bad-ref-1") if e["type"].endswith("job.failed")]:
-        assert time.monotonic() < deadline, sink.of("bad-ref-1")
-        time.sleep(0.2)
-    (failed,) = [e for e in sink.of("bad-ref-1") if e["type"].endswith("job.failed")]
+    failed = _job_failed_event(sink, "bad-ref-1")
     assert failed["data"]["error"] == final["error"]
+
+
+def _job_failed_event(sink, job_uuid: str) -> dict:
+    """The one job.failed the sink got for ``job_uuid``, waited for up to 30 s."""
+    deadline = time.monotonic() + 30
+    while not (failed := [e for e in sink.of(job_uuid) if e["type"].endswith("job.failed")]):
+        assert time.monotonic() < deadline, sink.of(job_uuid)
+        time.sleep(0.2)
+    (event,) = failed
+    return event
 
 
 # -- a client's retry --------------------------------------------------------------------------
