@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -31,6 +33,31 @@ def binary_post(url: str, data: object, *, event_id: str, ctype: str = "applicat
         "Content-Type": ctype,
     }
     return requests.post(url + "/", headers=headers, data=json.dumps(data), timeout=30)
+
+
+def half_sent_post(
+    url: str, data: object, *, event_id: str
+) -> tuple[http.client.HTTPConnection, bytes]:
+    """Send a POST's headers only: the sync worker that accepts it waits for the body.
+
+    While it waits, every other request goes to the other worker, so both answer by
+    construction rather than by how the kernel hands out connections.
+    """
+    body = json.dumps(data).encode()
+    conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=30)
+    conn.putrequest("POST", "/")
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": event_id,
+        "ce-source": "/tests",
+        "ce-type": JOB,
+        "Content-Type": "application/json",
+        "Content-Length": str(len(body)),
+    }
+    for name, value in headers.items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    return conn, body
 
 
 @pytest.fixture
@@ -68,9 +95,14 @@ def test_counters_equal_a_scripted_mix_across_two_workers(served, dataset, model
     artifact = {"model_artifact": {"uri": str(model_store / "llama3.2-tiny")}}
     sent = {200: 0, 400: 0, 415: 0, 503: 0}
     accepted = [request_data(f"m-{i}", dataset, **artifact) for i in range(6)]
-    for data in accepted:
+    held, held_body = half_sent_post(g.url, accepted[0], event_id=accepted[0]["job_uuid"])
+    for data in accepted[1:]:  # the held worker is busy: these all go to the other one
         assert binary_post(g.url, data, event_id=data["job_uuid"]).status_code == 200
         sent[200] += 1
+    held.send(held_body)
+    assert held.getresponse().status == 200
+    held.close()
+    sent[200] += 1
     for data in accepted[:3]:  # redelivered: answered as the first time, counted as sent
         assert binary_post(g.url, data, event_id=data["job_uuid"]).status_code == 200
         sent[200] += 1
