@@ -347,20 +347,26 @@ class JobStore:
         if not self._writer_lock.acquire(timeout=self.busy_timeout_s):
             raise StoreUnavailable(f"job store {self.path} is not writable now: busy")
         try:
-            if self._lock_fd is None:
-                try:
-                    self._lock_fd = os.open(
-                        f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-                    )
-                except OSError as exc:
-                    raise StoreUnavailable(f"job store {self.path} lock file: {exc}") from exc
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
+            with self._file_lock():
                 yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         finally:
             self._writer_lock.release()
+
+    @contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """The process-wide half of :meth:`_writer` (its caller holds the thread lock)."""
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = os.open(
+                    f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+            except OSError as exc:
+                raise StoreUnavailable(f"job store {self.path} lock file: {exc}") from exc
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -427,6 +433,14 @@ class JobStore:
         """
         cap = max_active if job.caller else 0
         item = (job, _dumps(job.request), event, JSON_FORMAT.write(event).decode(), cap)
+        if self._group is None and self._writer_lock.acquire(blocking=False):
+            # Nobody here writes or waits to: no group to lead or join (a sync worker, always).
+            # A thread arriving meanwhile forms the next group, as it would behind a leader.
+            try:
+                with self._file_lock():
+                    return self._insert_items([item])[0]
+            finally:
+                self._writer_lock.release()
         with self._group_lock:
             batch = self._group
             leader = batch is None
@@ -451,13 +465,7 @@ class JobStore:
             with self._writer():
                 with self._group_lock:
                     self._group = None  # later arrivals form the next group
-                if len(batch.items) == 1 and self.born_delivered(reply=True):
-                    # One INSERT is its own transaction: no BEGIN and COMMIT round trips.
-                    insert = partial(self._insert_queued, self._conn(), *batch.items[0])
-                    batch.results = [self._retrying("is not writable now", insert)]
-                    return
-                with self._tx_locked() as conn:
-                    batch.results = [self._insert_queued(conn, *item) for item in batch.items]
+                batch.results = self._insert_items(batch.items)
         except BaseException as exc:
             batch.error = exc
         finally:
@@ -465,6 +473,15 @@ class JobStore:
                 if self._group is batch:  # the lock was never had: nobody else may join it
                     self._group = None
             batch.done.set()
+
+    def _insert_items(self, items: list[tuple[Any, ...]]) -> list[tuple[Job | None, bool]]:
+        """Insert ``items`` in one transaction (the caller holds :meth:`_writer`)."""
+        if len(items) == 1 and self.born_delivered(reply=True):
+            # One INSERT is its own transaction: no BEGIN and COMMIT round trips.
+            insert = partial(self._insert_queued, self._conn(), *items[0])
+            return [self._retrying("is not writable now", insert)]
+        with self._tx_locked() as conn:
+            return [self._insert_queued(conn, *item) for item in items]
 
     def _insert_queued(
         self,
