@@ -1,6 +1,9 @@
 -- The local job store (handler/store.py): jobs, and the outbox of emitted events.
+-- jobs.seq is the rowid, without AUTOINCREMENT: jobs are never deleted, so a new job gets the
+-- largest seq plus one either way, and no commit writes a sqlite_sequence page. A store created
+-- with AUTOINCREMENT keeps it; both number jobs alike.
 CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     job_uuid TEXT NOT NULL UNIQUE,
     digest TEXT NOT NULL,
     request TEXT NOT NULL,
