@@ -6,6 +6,13 @@ prints links to stdout, may write ``~/.config/kfp/context.json`` and sets no req
 after a 401 its own refresh leaves it broken. Here every call has a timeout, "unreachable"
 becomes :class:`BackendUnavailable` (the handler answers 503 and Knative retries), and a 401
 rebuilds the whole client with a token read afresh from its source, then retries once.
+
+The calls that answer runs (list, create, get) are on every request's path, so they skip the
+generated client's generic serialization and speak plain JSON over its own connection pool
+(same TLS, CA, proxy and retry settings): the request body is built from bytes (the compiled
+pipeline spec is encoded once per process, handler/remote/runs.py) and the answer is read as
+JSON (records.py). Measured against the KFP stand-in on loopback: create_run 864 -> ~400 us of
+handler CPU, a list by name 256 -> ~160 us.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
+from urllib.parse import quote, urlencode, urlsplit
 
 from handler import logs, metrics
 from handler.backends.base import BackendUnavailable
@@ -31,6 +39,7 @@ log = logs.get("handler.remote.kfp")
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S: Final = 30.0
+_RUNS_PATH: Final = "/apis/v2beta1/runs"
 # Statuses the API server (or the route in front of it) answers while it is not really there.
 _TRANSIENT: Final = frozenset((0, 408, 429, 500, 502, 503, 504))
 
@@ -63,6 +72,13 @@ class _Apis:
     runs: Any
     experiments: Any
     healthz: Any
+    # The plain-JSON calls: what they send on (the host's connection pool, or the proxy
+    # manager when KFP is reached through a proxy), what goes before an API path there (the
+    # host's path prefix, or the whole base URL), and the headers and timeout they send.
+    pool: Any
+    prefix: str
+    headers: dict[str, str]
+    timeout: Any
 
 
 def _filter_equals(key: str, value: str) -> str:
@@ -77,7 +93,8 @@ class KfpClient:
 
     def __init__(self, remote: RemoteSettings, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self._remote = remote
-        self._timeout_s = timeout_s
+        # (connect, read): the generated client ignores a plain float (it honours int or pair).
+        self._timeout_s = (timeout_s, timeout_s)
         self._lock = threading.Lock()
         self._apis: _Apis | None = None
         self._multi_user: bool | None = None
@@ -116,6 +133,14 @@ class KfpClient:
             config.api_key["authorization"] = token.value
             config.api_key_prefix["authorization"] = "Bearer"
         api_client = kfp_server_api.ApiClient(config)
+        headers = {"Accept": "application/json", "User-Agent": api_client.user_agent}
+        if token.value:
+            headers["Authorization"] = f"Bearer {token.value}"
+        base, manager = config.host, api_client.rest_client.pool_manager
+        if config.proxy:
+            pool, prefix = manager, base
+        else:  # one pool for the one host: no URL parsing on the way to it per call
+            pool, prefix = manager.connection_from_url(base), urlsplit(base).path.rstrip("/")
         log.info("kfp client built", extra={"kfp_host": host, "token_source": token.source})
         return _Apis(
             host=host,
@@ -124,6 +149,10 @@ class KfpClient:
             runs=kfp_server_api.RunServiceApi(api_client),
             experiments=kfp_server_api.ExperimentServiceApi(api_client),
             healthz=kfp_server_api.HealthzServiceApi(api_client),
+            pool=pool,
+            prefix=prefix,
+            headers=headers,
+            timeout=urllib3.Timeout(connect=self._timeout_s[0], read=self._timeout_s[1]),
         )
 
     def _current(self, rebuild_from: _Apis | None = None) -> _Apis:
@@ -197,7 +226,7 @@ class KfpClient:
 
     # ---- the calls --------------------------------------------------------------------------
     def healthz(self, timeout_s: float | None = None) -> dict[str, Any]:
-        timeout = timeout_s or self._timeout_s
+        timeout = (timeout_s, timeout_s) if timeout_s else self._timeout_s
         reply = self.call(
             "healthz", lambda a: a.healthz.healthz_service_get_healthz(_request_timeout=timeout)
         )
@@ -253,19 +282,43 @@ class KfpClient:
         experiments = reply.experiments or []
         return experiments[0].experiment_id if experiments else None
 
+    def _send(
+        self,
+        apis: _Apis,
+        method: str,
+        path: str,
+        query: dict[str, Any] | None = None,
+        body: bytes | None = None,
+    ) -> dict[str, Any]:
+        """One plain-JSON call over the generated client's pool (the module docstring says why).
+
+        A non-2xx answer raises the generated client's ``ApiException``, as its own calls do,
+        so :meth:`call` treats both alike.
+        """
+        import kfp_server_api
+        from kfp_server_api.rest import RESTResponse
+
+        url = apis.prefix + path
+        if query:
+            url += "?" + urlencode(query, quote_via=quote)
+        headers = apis.headers
+        if body is not None:
+            headers = {**headers, "Content-Type": "application/json"}
+        response = apis.pool.urlopen(method, url, body=body, headers=headers, timeout=apis.timeout)
+        if not 200 <= response.status <= 299:
+            raise kfp_server_api.ApiException(http_resp=RESTResponse(response))
+        value = json.loads(response.data or b"{}")
+        return value if isinstance(value, dict) else {}
+
     def runs_named(self, experiment_id: str, display_name: str) -> list[Run]:
         """Every run called ``display_name`` in the experiment, oldest first."""
+        query = {
+            "experiment_id": experiment_id,
+            "filter": _filter_equals("display_name", display_name),
+            "page_size": 100,
+        }
         reply = self.call(
-            f"list runs named {display_name!r}",
-            lambda a: _json(
-                a.runs.run_service_list_runs(
-                    experiment_id=experiment_id,
-                    filter=_filter_equals("display_name", display_name),
-                    page_size=100,
-                    _request_timeout=self._timeout_s,
-                    _preload_content=False,
-                )
-            ),
+            f"list runs named {display_name!r}", lambda a: self._send(a, "GET", _RUNS_PATH, query)
         )
         return _oldest_first([Run.parse(r) for r in reply.get("runs") or []])
 
@@ -291,24 +344,19 @@ class KfpClient:
             predicates.append(
                 {"operation": "GREATER_THAN_EQUALS", "key": "finished_at", "timestampValue": moment}
             )
-        flt = json.dumps({"predicates": predicates})
+        query: dict[str, Any] = {
+            "experiment_id": experiment_id,
+            "filter": json.dumps({"predicates": predicates}),
+            "page_size": page_size,
+            "sort_by": "created_at",
+        }
         runs: list[Run] = []
         token = ""
         for _ in range(max_pages):
-            kwargs: dict[str, Any] = {"page_token": token} if token else {}
+            paged = {**query, "page_token": token} if token else query
             reply = self.call(
                 f"list runs in states {','.join(states)}",
-                lambda a, kwargs=kwargs: _json(
-                    a.runs.run_service_list_runs(
-                        experiment_id=experiment_id,
-                        filter=flt,
-                        page_size=page_size,
-                        sort_by="created_at",
-                        _request_timeout=self._timeout_s,
-                        _preload_content=False,
-                        **kwargs,
-                    )
-                ),
+                lambda a, paged=paged: self._send(a, "GET", _RUNS_PATH, paged),
             )
             runs.extend(Run.parse(r) for r in reply.get("runs") or [])
             token = reply.get("next_page_token") or ""
@@ -323,20 +371,14 @@ class KfpClient:
 
     def runs_page(self, experiment_id: str, token: str, size: int) -> tuple[list[Run], str]:
         """One page of the experiment's runs, newest first, and the next page's token."""
-        kwargs: dict[str, Any] = {"page_token": token} if token else {}
-        reply = self.call(
-            "list runs",
-            lambda a: _json(
-                a.runs.run_service_list_runs(
-                    experiment_id=experiment_id,
-                    page_size=size,
-                    sort_by="created_at desc",
-                    _request_timeout=self._timeout_s,
-                    _preload_content=False,
-                    **kwargs,
-                )
-            ),
-        )
+        query: dict[str, Any] = {
+            "experiment_id": experiment_id,
+            "page_size": size,
+            "sort_by": "created_at desc",
+        }
+        if token:
+            query["page_token"] = token
+        reply = self.call("list runs", lambda a: self._send(a, "GET", _RUNS_PATH, query))
         runs = [Run.parse(r) for r in reply.get("runs") or []]
         return runs, reply.get("next_page_token") or ""
 
@@ -344,28 +386,19 @@ class KfpClient:
         self,
         experiment_id: str,
         display_name: str,
-        pipeline_spec: dict[str, Any],
+        pipeline_spec_json: bytes,
         parameters: dict[str, Any],
     ) -> Run:
-        body = {  # V2beta1Run as the API reads it (no generated models: see records.py)
-            "experiment_id": experiment_id,
-            "display_name": display_name,
-            "pipeline_spec": pipeline_spec,
-            "runtime_config": {"parameters": parameters},
-        }
-        return self._run(
-            f"create run {display_name!r}", lambda a, kw: a.runs.run_service_create_run(body, **kw)
+        """Create a run of the pipeline whose spec is ``pipeline_spec_json`` (see run_body)."""
+        body = run_body(experiment_id, display_name, pipeline_spec_json, parameters)
+        reply = self.call(
+            f"create run {display_name!r}", lambda a: self._send(a, "POST", _RUNS_PATH, body=body)
         )
+        return Run.parse(reply)
 
     def get_run(self, run_id: str) -> Run:
-        return self._run(
-            f"get run {run_id}", lambda a, kw: a.runs.run_service_get_run(run_id, **kw)
-        )
-
-    def _run(self, what: str, fn: Callable[[_Apis, dict[str, Any]], Any]) -> Run:
-        """One call that answers a run, read as plain JSON (records.py says why)."""
-        kw = {"_request_timeout": self._timeout_s, "_preload_content": False}
-        return Run.parse(self.call(what, lambda a: _json(fn(a, kw))))
+        path = f"{_RUNS_PATH}/{quote(run_id, safe='')}"
+        return Run.parse(self.call(f"get run {run_id}", lambda a: self._send(a, "GET", path)))
 
     def terminate_run(self, run_id: str) -> None:
         self.call(
@@ -386,13 +419,24 @@ class KfpClient:
                 self._apis = None
 
 
-def _json(response: Any) -> dict[str, Any]:
-    """The body of a raw (``_preload_content=False``) answer, as JSON."""
-    try:
-        value = json.loads(response.data or b"{}")
-    finally:
-        response.release_conn()
-    return value if isinstance(value, dict) else {}
+def run_body(
+    experiment_id: str, display_name: str, pipeline_spec_json: bytes, parameters: dict[str, Any]
+) -> bytes:
+    """The create-run request body (V2beta1Run as the API reads it). ``pipeline_spec_json`` is
+    the ``pipeline_spec`` field as JSON bytes, encoded once by the caller, not per run."""
+    return b"".join(
+        (
+            b'{"experiment_id":',
+            json.dumps(experiment_id).encode(),
+            b',"display_name":',
+            json.dumps(display_name).encode(),
+            b',"pipeline_spec":',
+            pipeline_spec_json,
+            b',"runtime_config":{"parameters":',
+            json.dumps(parameters, separators=(",", ":")).encode(),
+            b"}}",
+        )
+    )
 
 
 def _oldest_first(runs: list[Run]) -> list[Run]:

@@ -14,6 +14,7 @@ is how a redelivered request is told from a changed one.
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 import threading
@@ -91,6 +92,7 @@ class KfpRuns:
             )
         self._lock = threading.Lock()
         self._spec: dict[str, Any] | None = None
+        self._spec_json: bytes | None = None
         self._s3: Any = None
 
     # ---- what runs are made of --------------------------------------------------------------
@@ -101,6 +103,15 @@ class KfpRuns:
                 with _COMPILING:
                     self._spec = self._compile()
             return self._spec
+
+    def pipeline_spec_json(self) -> bytes:
+        """:meth:`pipeline_spec` as JSON, encoded once: every run's body carries it as is
+        (~14 kB: sanitizing and encoding it per request cost ~0.35 ms of handler CPU)."""
+        spec = self.pipeline_spec()
+        with self._lock:
+            if self._spec_json is None:
+                self._spec_json = json.dumps(spec, separators=(",", ":")).encode()
+            return self._spec_json
 
     def _compile(self) -> dict[str, Any]:
         import yaml
@@ -209,7 +220,7 @@ class KfpRuns:
         if existing is not None:
             return existing, False
         try:
-            spec = self.pipeline_spec()
+            spec = self.pipeline_spec_json()
             arguments = self.arguments(request, digest, caller)
         except (ValueError, KeyError) as exc:
             raise BackendRejected(f"the request cannot become a pipeline run: {exc}") from None

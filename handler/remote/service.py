@@ -168,7 +168,7 @@ class RemoteService:
     def start_once(self) -> None:
         """Warm up what the first request would otherwise pay for (compiling the pipeline)."""
         try:
-            self.runs.pipeline_spec()
+            self.runs.pipeline_spec_json()
         except Exception:  # a bad pipeline setting shows on the first request, named there
             log.exception("compiling the pipeline failed")
 

@@ -109,3 +109,23 @@ def _instant(value: Any, key: str) -> datetime | None:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
         raise FilterError(f"filter predicate on {key!r}: {value!r} is not a timestamp") from None
+
+
+def equals_value(raw: str | None, key: str) -> str | None:
+    """The string an ``EQUALS`` predicate on ``key`` asks for, when the filter has one (its
+    predicates are ANDed, so every match has that value: what an index lookup can use); None
+    otherwise, or when the filter is not valid (:func:`parse_filter` says why)."""
+    try:
+        doc = json.loads(raw) if raw else {}
+    except ValueError:
+        return None
+    predicates = doc.get("predicates") if isinstance(doc, dict) else None
+    for p in predicates if isinstance(predicates, list) else []:
+        if not isinstance(p, dict) or p.get("key") != key:
+            continue
+        op = p.get("operation") or p.get("op")
+        if op in ("EQUALS", 1):
+            value = p.get("stringValue", p.get("string_value"))
+            if isinstance(value, str):
+                return value
+    return None

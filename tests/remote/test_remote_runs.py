@@ -225,7 +225,7 @@ def test_racing_replicas_converge_on_one_run(setup):
     assert len(survivors) == 1, survivors
     assert set(chosen) == {survivors[0]["run_id"]}, "every replica answered with the one run"
     # One that looked before the others' runs existed made its own: the next look deletes it.
-    spec = replicas[0].pipeline_spec()
+    spec = replicas[0].pipeline_spec_json()
     late = replicas[0].kfp.create_run(
         replicas[0]._experiment_id(), "job-race", spec, replicas[0].arguments(request, "d")
     )
@@ -300,7 +300,7 @@ def test_ended_since_lists_this_deployments_runs_that_ended_in_the_window(setup,
     runs.kfp.create_run(
         runs._experiment_id(),
         "someone-elses",
-        yaml.safe_load(foreign.read_text()),
+        json.dumps(yaml.safe_load(foreign.read_text())).encode(),
         {"final_out": str(tmp_path / "f")},
     )
     cutoff = datetime.now(UTC) - timedelta(minutes=5)
