@@ -51,6 +51,7 @@ import http.client
 import json
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -559,6 +560,7 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
 
     rows: dict[tuple[str, str], list[float]] = {}
     rates: dict[tuple[str, str], float] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}  # [handler workers, stand-in] CPU seconds
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp:
         base = Path(tmp)
         dataset = "s3://bench/pt/datasets/train.jsonl s3://bench/pt/models/llama3.2-tiny.tar"
@@ -601,6 +603,8 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                                 (f"create_run ({replicas})", standin.port, body),
                                 (name, ports, None),
                             ):
+                                handler_cpu = sum(s.cpu_s() for s in servers)
+                                standin_cpu = _own_cpu_s()
                                 rps, lat = run_load(
                                     target,
                                     f"{label[:6]}-{load[:3]}-r{r}",
@@ -613,6 +617,9 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                                 key = (label, load)
                                 rows.setdefault(key, []).extend(lat)
                                 rates[key] = max(rates.get(key, 0.0), rps)
+                                spent = cpu.setdefault(key, [0.0, 0.0])
+                                spent[1] += _own_cpu_s() - standin_cpu
+                                spent[0] += sum(s.cpu_s() for s in servers) - handler_cpu
                 finally:
                     for server in servers:
                         server.stop()
@@ -624,11 +631,15 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
             f"{k} = {p} processes x {t} threads" for k, (p, t) in _loads(procs, threads).items()
         )
     )
-    print(f"{'':18s} {'load':>10s} {'req/s':>8s} {'p50 ms':>7s} {'p99 ms':>7s}")
+    print(
+        f"{'':18s} {'load':>10s} {'req/s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
+        f"{'handler us CPU/req':>18s} {'stand-in us CPU/req':>19s}"
+    )
     for (label, load), lat in rows.items():
+        handler_s, standin_s = (1e6 * x / len(lat) for x in cpu[label, load])
         print(
             f"{label:18s} {load:>10s} {rates[label, load]:8.1f} {_pct(lat, 0.5):7.2f} "
-            f"{_pct(lat, 0.99):7.2f}"
+            f"{_pct(lat, 0.99):7.2f} {handler_s:18.0f} {standin_s:19.0f}"
         )
     for replicas, name in ((1, "handler"), (3, "handler x3")):
         for load in _loads(procs, threads):
@@ -641,6 +652,13 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                 f"create_run; p99 {_pct(lat, 0.99):.2f} ms (targets: <= 5 ms added at p50, "
                 "p99 <= 20 ms)"
             )
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds this process has used: the KFP stand-in's threads (the load generator runs
+    in child processes, not counted here)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _loads(procs: int, threads: int) -> dict[str, tuple[int, int]]:
