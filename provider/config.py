@@ -13,7 +13,7 @@ appear in ``GET /v1/providers`` or in the server's start-up log.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args
 
 from llama_stack.providers.utils.kvstore.config import KVStoreConfig, SqliteKVStoreConfig
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -22,6 +22,9 @@ from pipelines.roots import Roots, parse_roots
 
 DEFAULT_STATE_DIR = "~/.local/share/kfp-trainer"
 MIN_PART_SIZE_MB = 5  # S3's minimum multipart part size (all parts but the last)
+# llama-stack's KVStoreConfig union without the default inside its Annotated: under ``| None``
+# pydantic warns that default has no effect, a line on the server's console at every start.
+OptionalKVStore = Annotated[get_args(KVStoreConfig)[0], Field(discriminator="type")] | None
 
 
 class S3Config(BaseModel):
@@ -137,9 +140,9 @@ class KfpTrainerConfig(BaseModel):
     )
     log_format: Literal["json", "text"] = Field(
         default="json",
-        description="json: the provider's (and in local mode the handler's and pipelines') "
-        "lines come out of llama-stack's log handlers as one JSON object each, the format of "
-        "every other process of this project; llama-stack's own lines keep its format. text: "
+        description="json: from the provider's start on, the server writes one JSON object a "
+        "line, the format of every other process of this project: llama-stack's, uvicorn's "
+        "and the provider's lines (local mode: the handler's and pipelines' too). text: "
         "llama-stack's format for all. KFP_TRAINER_LOG_FORMAT",
     )
     checkpoint_format: Literal["meta", "huggingface"] = Field(
@@ -150,7 +153,7 @@ class KfpTrainerConfig(BaseModel):
     )
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     s3: S3Config = Field(default_factory=S3Config)
-    kvstore: KVStoreConfig | None = Field(
+    kvstore: OptionalKVStore = Field(
         default=None, description="Provider job state; default sqlite <state_dir>/provider.db"
     )
 

@@ -6,18 +6,22 @@ request's span. Levels follow ``LLAMA_STACK_LOGGING`` (and run.yaml's ``logging`
 ``core`` category: 0.2.12 has no post_training category, and its providers log under ``core``.
 The in-process handler's and pipelines' loggers (local mode) get the same level.
 
-With ``log_format: json`` (the default; ``KFP_TRAINER_LOG_FORMAT``) our records (loggers
-``provider``, ``handler``, ``pipelines``) come out of those same handlers in the project's one
-JSON format (pipelines/logs.py): the log file handler formats ours as JSON and llama-stack's
-own as before; on the console, llama-stack's rich handler keeps its records and a plain JSON
-stream handler beside it on the root logger, to the same stream, takes ours (rich would wrap
-a JSON line into columns). llama-stack's own lines, and uvicorn's, keep llama-stack's format:
-the provider does not reformat its host. ``text`` leaves every handler as llama-stack set it.
+With ``log_format: json`` (the default; ``KFP_TRAINER_LOG_FORMAT``) the server's output is the
+project's one JSON format (pipelines/logs.py) from the provider's start on, whoever logs:
+llama-stack's console handler (rich, which would wrap a JSON line into columns and draw a
+traceback as a panel) gives way to a plain stream handler on the same stream, with the same
+level and filters; its log file handler gets the JSON formatter; Python warnings become log
+records; and the two formatters of ``uvicorn.config.LOGGING_CONFIG``, the configuration
+``uvicorn.run`` applies after the providers are built, become JSON ones (an access line is
+``msg: request`` with method, path, status fields, as the handler's are). What llama-stack
+writes before it imports the provider stays in its format (provider/README.md, *Logs*).
+``text`` leaves every handler as llama-stack and uvicorn set them.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import MutableMapping
 from typing import Any, Final, Literal
 
@@ -29,11 +33,6 @@ OURS: Final = ("provider", "handler", "pipelines")
 LogFormat = Literal["json", "text"]
 
 
-def ours(record: logging.LogRecord) -> bool:
-    """A record of this project's loggers."""
-    return record.name.partition(".")[0] in OURS
-
-
 class _Adapter(logging.LoggerAdapter):
     """llama-stack's category on every record, without dropping the call's own ``extra``."""
 
@@ -42,49 +41,79 @@ class _Adapter(logging.LoggerAdapter):
         return msg, kwargs
 
 
-class OursAsJson(logging.Formatter):
-    """A handler's formatter for llama-stack's records, the one JSON format for ours."""
+class UvicornFormatter(JsonFormatter):
+    """uvicorn's records in the one format: an access record becomes ``msg: request`` with its
+    parts as fields (the names of the handler's access lines); ``color_message`` (the same
+    message with terminal colours) is left out.
 
-    def __init__(self, theirs: logging.Formatter | None) -> None:
-        super().__init__()
-        self.theirs = theirs or logging.Formatter()
-        self.json = JsonFormatter()
+    uvicorn logs access as ``'%s - "%s %s HTTP/%s" %d'`` with (client, method, path, HTTP
+    version, status) as ``args``.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
-        return (self.json if ours(record) else self.theirs).format(record)
-
-
-class _Ours(logging.Filter):
-    def __init__(self, keep_ours: bool) -> None:
-        super().__init__()
-        self.keep_ours = keep_ours
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return ours(record) == self.keep_ours
-
-
-def _json_on_handlers(root: logging.Logger) -> None:
-    """Our records as JSON on llama-stack's root handlers (see the module docstring)."""
-    from rich.logging import RichHandler
-
-    for handler in list(root.handlers):
-        if isinstance(handler, RichHandler):
-            if any(isinstance(f, _Ours) for f in handler.filters):
-                continue
-            handler.addFilter(_Ours(keep_ours=False))
-            beside = json_handler(handler.console.file)
-            beside.setLevel(handler.level)
-            beside.addFilter(_Ours(keep_ours=True))
-            root.addHandler(beside)
-        elif type(handler) in (logging.StreamHandler, logging.FileHandler) and not isinstance(
-            handler.formatter, (OursAsJson, JsonFormatter)
+        fields = {key: value for key, value in record.__dict__.items() if key != "color_message"}
+        if (
+            record.name == "uvicorn.access"
+            and isinstance(record.args, tuple)
+            and len(record.args) == 5
         ):
-            handler.setFormatter(OursAsJson(handler.formatter))
+            remote, method, full_path, http_version, status = record.args
+            path, _, query = str(full_path).partition("?")
+            fields |= {
+                "msg": "request",
+                "args": None,
+                "method": method,
+                "path": path,
+                "query": query or None,
+                "status": status,
+                "remote": remote,
+                "http_version": http_version,
+            }
+        return super().format(logging.makeLogRecord(fields))
+
+
+def _loggers() -> list[logging.Logger]:
+    """The root logger and every logger created so far (llama-stack's categories among them)."""
+    named = logging.root.manager.loggerDict.values()
+    return [logging.getLogger(), *(lg for lg in named if isinstance(lg, logging.Logger))]
+
+
+def _json_console(rich: logging.Handler) -> None:
+    """A plain JSON stream handler in place of llama-stack's rich one: its stream, level and
+    filters (llama-stack's category filter among them)."""
+    handler = json_handler(rich.console.file)  # type: ignore[attr-defined]
+    handler.setLevel(rich.level)
+    for record_filter in rich.filters:
+        handler.addFilter(record_filter)
+    for logger in _loggers():
+        if rich in logger.handlers:
+            logger.removeHandler(rich)
+            logger.addHandler(handler)
+
+
+def _json_everywhere() -> None:
+    """Every record as JSON: llama-stack's handlers, Python warnings, uvicorn's handlers."""
+    from rich.logging import RichHandler
+    from uvicorn.config import LOGGING_CONFIG
+
+    for handler in list(logging.getLogger().handlers):
+        if isinstance(handler, RichHandler):
+            _json_console(handler)
+        elif type(handler) in (logging.StreamHandler, logging.FileHandler) and not isinstance(
+            handler.formatter, JsonFormatter
+        ):
+            handler.setFormatter(JsonFormatter())
+    if getattr(warnings.showwarning, "__module__", None) == "warnings":
+        # Python's own (LLAMA_STACK_TRACE_WARNINGS puts one that prints the stack, kept).
+        logging.captureWarnings(True)
+    # uvicorn.run passes no log_config, so Config takes this dict: its handlers, our formatters.
+    LOGGING_CONFIG["formatters"]["default"] = {"()": UvicornFormatter}
+    LOGGING_CONFIG["formatters"]["access"] = {"()": UvicornFormatter}
 
 
 def configure(log_format: LogFormat = "json") -> None:
     """Give our loggers llama-stack's level for ``core``, let them propagate, and with
-    ``json`` have llama-stack's handlers write our records as JSON (idempotent)."""
+    ``json`` make every handler of the server write the one JSON format (idempotent)."""
     from llama_stack.log import get_logger
 
     for name in OURS:
@@ -93,7 +122,7 @@ def configure(log_format: LogFormat = "json") -> None:
         logger.setLevel(level)
         logger.propagate = True
     if log_format == "json":
-        _json_on_handlers(logging.getLogger())
+        _json_everywhere()
 
 
 def get(name: str) -> logging.LoggerAdapter:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import pytest
 
 from pipelines.logs import COMMON_FIELDS
 from provider.launcher import ROOT, StackServer
-from provider.logs import OURS
+from tests.provider import server_log
 from tests.support.jobs import lora, training_config
 from tests.support.otlp import OtlpReceiver
 from tests.support.sink import Sink
@@ -264,30 +263,27 @@ def test_one_trace_from_the_fine_tune_call_to_the_checkpoint(stack, trained, otl
     assert completed["traceparent"].split("-")[2] == ended.span_id
 
 
-# A line in llama-stack's format (file: "<time> name:line category: msg"; console: rich's).
-_LLAMA_STACK_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\S+):\d+ \S+: ")
-
-
-def test_our_lines_are_json_through_llama_stacks_handlers(stack, trained, otlp) -> None:
-    """run.yaml's log_format json: in llama-stack's log file and on its console, every line of
-    the provider, the in-process handler and the pipelines is one JSON object with the common
-    fields, and those of job-a carry its job_uuid and trace_id; llama-stack's own lines keep
-    its format (they are still there: the same handlers wrote both)."""
+def test_every_line_of_the_server_is_json(stack, trained, otlp) -> None:
+    """run.yaml's log_format json, through a full local fine-tune: every line on the server's
+    console (stdout and stderr) and in its log file, from the provider's start on, is one JSON
+    object with the common fields (llama-stack's lines, uvicorn's, the provider's, the
+    in-process handler's and the pipelines'); those of job-a carry its job_uuid and trace_id."""
     (started,) = [
         s for s in otlp.wait_for_span("supervised_fine_tune") if s.attributes["job_uuid"] == "job-a"
     ]
-    for path in (stack.log_file, stack.console_log):
-        lines = path.read_text().splitlines()
-        records = [json.loads(line) for line in lines if line.startswith("{")]
-        theirs = {m.group(1) for line in lines if (m := _LLAMA_STACK_LINE.search(line))}
-        assert "llama_stack.distribution.server.server" in theirs, path
-        assert not {name for name in theirs if name.partition(".")[0] in OURS}, path
-        assert all(tuple(r)[: len(COMMON_FIELDS)] == COMMON_FIELDS for r in records), path
-        loggers = {r["logger"] for r in records}
+    for console, path in ((True, stack.console_log), (False, stack.log_file)):
+        logged = server_log.records(path, console=console)
+        loggers = {r["logger"] for r in logged}
         assert {"provider.impl", "provider.submission", "handler.service"} <= loggers, path
-        job = [r for r in records if r.get("job_uuid") == "job-a"]
+        assert "llama_stack.distribution.server.server" in loggers, path
+        job = [r for r in logged if r.get("job_uuid") == "job-a"]
         assert {"job accepted; staging its datasets", "job requested"} <= {r["msg"] for r in job}
         assert {r.get("trace_id") for r in job} == {started.trace_id}, path
+        if console:  # uvicorn writes to the console only
+            requested = [r for r in logged if r.get("path") == "/v1/post-training/job/status"]
+            assert requested and {r["logger"] for r in requested} == {"uvicorn.access"}
+            assert {r["status"] for r in requested} == {200}
+            assert "uvicorn.error" in loggers
 
 
 def test_the_training_run_log_is_json_lines_of_the_job(stack, trained, workspace, otlp) -> None:
