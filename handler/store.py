@@ -357,6 +357,9 @@ class JobStore:
         """The process-wide half of :meth:`_writer` (its caller holds the thread lock)."""
         if self._lock_fd is None:
             try:
+                # A write can be this process's first touch of the store: the directory may
+                # not exist yet (the connection, which also makes it, is opened after).
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._lock_fd = os.open(
                     f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
                 )

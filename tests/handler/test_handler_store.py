@@ -61,6 +61,15 @@ def test_claim_is_strictly_fifo_behind_a_job_waiting_for_retry(tmp_path):
     assert store.claim_next("w", None, time.time()) is None
 
 
+def test_a_write_as_the_first_touch_makes_the_stores_directory(tmp_path):
+    """An accepted job can be a process's first use of its store, before any thread has opened
+    a connection (which also makes the directory): the insert must not fail on the lock file."""
+    store = JobStore(tmp_path / "not-yet" / "h.sqlite3")
+    _queue(store, 1)
+    assert store.job("job-0") is not None
+    assert (tmp_path / "not-yet" / "h.sqlite3.lock").exists()
+
+
 def test_insert_is_idempotent_and_the_scheduled_event_is_born_sink_delivered(tmp_path):
     store = JobStore(tmp_path / "h.sqlite3")
     _queue(store, 1)
