@@ -54,7 +54,6 @@ import http.client
 import json
 import multiprocessing
 import os
-import resource
 import signal
 import socket
 import statistics
@@ -608,7 +607,9 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                             ):
                                 _freeze_standin()
                                 handler_cpu = sum(s.cpu_s() for s in servers)
-                                standin_cpu = _own_cpu_s()
+                                # this process's CPU: the KFP stand-in's threads (the
+                                # load generator runs in child processes)
+                                standin_cpu = time.process_time()
                                 rps, lat = run_load(
                                     target,
                                     f"{label[:6]}-{load[:3]}-r{r}",
@@ -622,7 +623,7 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                                 rows.setdefault(key, []).extend(lat)
                                 rates[key] = max(rates.get(key, 0.0), rps)
                                 spent = cpu.setdefault(key, [0.0, 0.0])
-                                spent[1] += _own_cpu_s() - standin_cpu
+                                spent[1] += time.process_time() - standin_cpu
                                 spent[0] += sum(s.cpu_s() for s in servers) - handler_cpu
                 finally:
                     for server in servers:
@@ -665,13 +666,6 @@ def _freeze_standin() -> None:
     Python stand-in stalls, not how KFP's Go server does, and shows as those requests' p99."""
     gc.collect()
     gc.freeze()
-
-
-def _own_cpu_s() -> float:
-    """CPU seconds this process has used: the KFP stand-in's threads (the load generator runs
-    in child processes, not counted here)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _loads(procs: int, threads: int) -> dict[str, tuple[int, int]]:

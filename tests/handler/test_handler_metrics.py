@@ -13,6 +13,7 @@ import requests
 from handler import contract
 from tests.handler.helpers import request_data
 from tests.support.gunicorn import Gunicorn
+from tests.support.http_client import ce_headers
 from tests.support.loopback import closed_port_url, free_port
 from tests.support.prometheus import samples
 
@@ -25,13 +26,7 @@ def received(values: dict, event_type: str, status: int) -> float:
 
 
 def binary_post(url: str, data: object, *, event_id: str, ctype: str = "application/json"):
-    headers = {
-        "ce-specversion": "1.0",
-        "ce-id": event_id,
-        "ce-source": "/tests",
-        "ce-type": JOB,
-        "Content-Type": ctype,
-    }
+    headers = {**ce_headers(JOB, event_id), "Content-Type": ctype}
     return requests.post(url + "/", headers=headers, data=json.dumps(data), timeout=30)
 
 
@@ -46,15 +41,7 @@ def half_sent_post(
     body = json.dumps(data).encode()
     conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=30)
     conn.putrequest("POST", "/")
-    headers = {
-        "ce-specversion": "1.0",
-        "ce-id": event_id,
-        "ce-source": "/tests",
-        "ce-type": JOB,
-        "Content-Type": "application/json",
-        "Content-Length": str(len(body)),
-    }
-    for name, value in headers.items():
+    for name, value in {**ce_headers(JOB, event_id), "Content-Length": str(len(body))}.items():
         conn.putheader(name, value)
     conn.endheaders()
     return conn, body
