@@ -12,7 +12,7 @@ PYTEST := $(BIN)/pytest -o cache_dir=$(CURDIR)/$(VENV)/pytest-cache
 
 # The editable install leaves setuptools' build metadata (*.egg-info) in the checkout; the
 # installed metadata is in .venv, so it goes.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml provider/startup_logs.pth
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel

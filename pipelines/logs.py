@@ -125,13 +125,15 @@ class JsonLineStream(io.TextIOBase):
     """A text stream for a library that prints plain lines (KFP's local runner does).
 
     Lines that already are JSON objects (our tasks' logs, passed through) go to ``target`` as
-    they are; any other line becomes a record of ``logger``, so it comes out in the one format.
-    ``logger`` must not write back into this stream (a ``pipelines`` logger does not).
+    they are; any other line becomes a record of ``logger`` (at ``level`` unless the line names
+    its own), so it comes out in the one format. ``logger`` must not write back into this
+    stream (a ``pipelines`` logger does not).
     """
 
-    def __init__(self, target: TextIO, logger: logging.Logger) -> None:
+    def __init__(self, target: TextIO, logger: logging.Logger, level: int = logging.INFO) -> None:
         self._target = target
         self._logger = logger
+        self._level = level
         self._partial = ""
 
     def writable(self) -> bool:
@@ -157,7 +159,7 @@ class JsonLineStream(io.TextIOBase):
         level = _LEVEL.match(plain)
         if level:
             plain = plain[level.end() :]
-        self._logger.log(logging.getLevelName(level.group(1)) if level else logging.INFO, plain)
+        self._logger.log(logging.getLevelName(level.group(1)) if level else self._level, plain)
 
     def flush(self) -> None:
         if self._partial:

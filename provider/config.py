@@ -142,8 +142,9 @@ class KfpTrainerConfig(BaseModel):
         default="json",
         description="json: from the provider's start on, the server writes one JSON object a "
         "line, the format of every other process of this project: llama-stack's, uvicorn's "
-        "and the provider's lines (local mode: the handler's and pipelines' too). text: "
-        "llama-stack's format for all. KFP_TRAINER_LOG_FORMAT",
+        "and the provider's lines (local mode: the handler's and pipelines' too); with "
+        "KFP_TRAINER_LOG_FORMAT=json set in the server's environment, llama-stack's start-up "
+        "lines as well. text: llama-stack's format for all. KFP_TRAINER_LOG_FORMAT",
     )
     checkpoint_format: Literal["meta", "huggingface"] = Field(
         default="meta", description="KFP_TRAINER_CHECKPOINT_FORMAT"

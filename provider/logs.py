@@ -14,7 +14,8 @@ level and filters; its log file handler gets the JSON formatter; Python warnings
 records; and the two formatters of ``uvicorn.config.LOGGING_CONFIG``, the configuration
 ``uvicorn.run`` applies after the providers are built, become JSON ones (an access line is
 ``msg: request`` with method, path, status fields, as the handler's are). What llama-stack
-writes before it imports the provider stays in its format (provider/README.md, *Logs*).
+writes before it imports the provider is reached by provider/startup_logs.py instead, which
+calls :func:`json_everywhere` as soon as llama-stack has set up its logging.
 ``text`` leaves every handler as llama-stack and uvicorn set them.
 """
 
@@ -91,7 +92,7 @@ def _json_console(rich: logging.Handler) -> None:
             logger.addHandler(handler)
 
 
-def _json_everywhere() -> None:
+def json_everywhere() -> None:
     """Every record as JSON: llama-stack's handlers, Python warnings, uvicorn's handlers."""
     from rich.logging import RichHandler
     from uvicorn.config import LOGGING_CONFIG
@@ -122,7 +123,7 @@ def configure(log_format: LogFormat = "json") -> None:
         logger.setLevel(level)
         logger.propagate = True
     if log_format == "json":
-        _json_everywhere()
+        json_everywhere()
 
 
 def get(name: str) -> logging.LoggerAdapter:

@@ -12,6 +12,7 @@ Logs: .demo/console-*.log (server stdout) and .demo/llama-stack-*.log.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -54,7 +55,13 @@ def main() -> int:
 
     step("llama stack run run.yaml (local mode)")
     server = StackServer(
-        {"KFP_TRAINER_STATE_DIR": str(state), "KFP_TRAINER_MODEL_STORE": str(models)}, DEMO
+        {
+            "KFP_TRAINER_STATE_DIR": str(state),
+            "KFP_TRAINER_MODEL_STORE": str(models),
+            # Set, not left to run.yaml's default: llama-stack's start-up lines are JSON too.
+            "KFP_TRAINER_LOG_FORMAT": os.environ.get("KFP_TRAINER_LOG_FORMAT", "json"),
+        },
+        DEMO,
     )
     server.start(timeout_s=180)
     print(f"serving on {server.url}; logs in {server.console_log} and {server.log_file}")

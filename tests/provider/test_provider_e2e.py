@@ -78,6 +78,7 @@ def stack(workspace, otlp, sink):
         {
             "KFP_TRAINER_STATE_DIR": str(workspace["state"]),
             "KFP_TRAINER_MODEL_STORE": str(workspace["models"]),
+            "KFP_TRAINER_LOG_FORMAT": "json",  # set: llama-stack's start-up lines too
             "KFP_TRAINER_PAGE_SIZE": "7",  # 40 csv rows -> 6 iterrows pages
             "KFP_TRAINER_PROGRESS_INTERVAL_S": "0.2",
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url,
@@ -264,10 +265,10 @@ def test_one_trace_from_the_fine_tune_call_to_the_checkpoint(stack, trained, otl
 
 
 def test_every_line_of_the_server_is_json(stack, trained, otlp) -> None:
-    """run.yaml's log_format json, through a full local fine-tune: every line on the server's
-    console (stdout and stderr) and in its log file, from the provider's start on, is one JSON
-    object with the common fields (llama-stack's lines, uvicorn's, the provider's, the
-    in-process handler's and the pipelines'); those of job-a carry its job_uuid and trace_id."""
+    """KFP_TRAINER_LOG_FORMAT=json, through a full local fine-tune: every line on the server's
+    console (stdout and stderr) and in its log file is one JSON object with the common fields
+    (llama-stack's lines from its CLI's first on, uvicorn's, the provider's, the in-process
+    handler's and the pipelines'); those of job-a carry its job_uuid and trace_id."""
     (started,) = [
         s for s in otlp.wait_for_span("supervised_fine_tune") if s.attributes["job_uuid"] == "job-a"
     ]
@@ -276,6 +277,7 @@ def test_every_line_of_the_server_is_json(stack, trained, otlp) -> None:
         loggers = {r["logger"] for r in logged}
         assert {"provider.impl", "provider.submission", "handler.service"} <= loggers, path
         assert "llama_stack.distribution.server.server" in loggers, path
+        assert "llama_stack.cli.stack.run" in loggers, path
         job = [r for r in logged if r.get("job_uuid") == "job-a"]
         assert {"job accepted; staging its datasets", "job requested"} <= {r["msg"] for r in job}
         assert {r.get("trace_id") for r in job} == {started.trace_id}, path

@@ -57,10 +57,11 @@ def _started_and_stopped(tmp_path: Path, env: dict[str, str]) -> list[str]:
 
 
 def test_log_format_json_makes_every_line_of_the_server_json(tmp_path) -> None:
-    """From the provider's start on, every line on the console (stdout and stderr) and in the
-    log file is one JSON object: llama-stack's records, uvicorn's (access lines with their
-    fields), ours; a traceback stays in its record."""
-    server = _served(tmp_path, {})
+    """With KFP_TRAINER_LOG_FORMAT=json every line on the console (stdout and stderr) and in
+    the log file is one JSON object: llama-stack's records from its CLI's first on (its run
+    configuration, pydantic's warning), uvicorn's (access lines with their fields), ours; a
+    traceback stays in its record."""
+    server = _served(tmp_path, {"KFP_TRAINER_LOG_FORMAT": "json"})
     for console, path in ((True, server.console_log), (False, server.log_file)):
         logged = server_log.records(path, console=console)
         by = {r["logger"] for r in logged}
@@ -79,6 +80,16 @@ def test_log_format_json_makes_every_line_of_the_server_json(tmp_path) -> None:
             assert "Application startup complete." in {r["msg"] for r in logged}
 
 
+def test_run_yamls_default_json_leaves_llama_stacks_start_up_lines(tmp_path, monkeypatch) -> None:
+    """Unset, run.yaml's default json: llama-stack's lines before the provider's start keep its
+    format (the .pth hook acts only on an explicit json); from the provider's start on, JSON."""
+    monkeypatch.delenv("KFP_TRAINER_LOG_FORMAT", raising=False)
+    server = _served(tmp_path, {})
+    for console, path in ((True, server.console_log), (False, server.log_file)):
+        logged = server_log.records(path, console=console, startup_json=False)
+        assert {"provider.impl", "uvicorn.access"} & {r["logger"] for r in logged}, path
+
+
 def test_log_format_text_leaves_llama_stacks_format(tmp_path) -> None:
     lines = _started_and_stopped(tmp_path, {"KFP_TRAINER_LOG_FORMAT": "text"})
     ready = [line for line in lines if READY in line]
@@ -95,9 +106,16 @@ def test_levels_follow_llama_stack_logging(tmp_path) -> None:
     assert not [line for line in quiet if READY in line]
     # llama-stack's own line, as JSON
     assert [line for line in quiet if line.startswith("{") and '"msg": "Listening on' in line]
-    loud = _started_and_stopped(tmp_path / "loud", {"LLAMA_STACK_LOGGING": "core=info"})
+    loud_env = {"LLAMA_STACK_LOGGING": "core=info", "KFP_TRAINER_LOG_FORMAT": "json"}
+    loud = _started_and_stopped(tmp_path / "loud", loud_env)
     (in_file, on_console) = [json.loads(line) for line in loud if READY in line]
     assert in_file == on_console
+    # llama-stack prints that it found the variable outside logging: a record here, too
+    found = [json.loads(line) for line in loud if "LLAMA_STACK_LOGGING found" in line]
+    assert [(r["logger"], r["msg"]) for r in found] == 2 * [  # file and console
+        ("llama_stack.log", "Environment variable LLAMA_STACK_LOGGING found: core=info")
+    ]
+    assert all(line.startswith("{") for line in loud if line.strip())
     assert (in_file["level"], in_file["logger"], in_file["category"]) == (
         "INFO",
         "provider.impl",
