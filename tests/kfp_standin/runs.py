@@ -294,7 +294,9 @@ class KfpState:
         """Run the pipeline's effects in-process (tests/kfp_standin/simulated.py)."""
         assert self.simulation is not None and self.simulation.train_s is not None
         with self._lock:
-            run = self._runs[run_id]
+            run = self._runs.get(run_id)
+            if run is None:  # deleted before it started (DeleteRun): nothing runs
+                return
             if execution.cancel_requested:
                 self._set_state(run, "CANCELED")
                 return
@@ -369,7 +371,8 @@ class KfpState:
             secret_env = _secret_env(spec, platform, arguments, self.secrets)
         except ApiError as exc:  # like a pod stuck on a missing Secret: the run fails
             with self._lock:
-                self._set_state(self._runs[run_id], "FAILED", exc.message)
+                if (run := self._runs.get(run_id)) is not None:
+                    self._set_state(run, "FAILED", exc.message)
             return
         if self.simulation is not None:
             if self.simulation.train_s is not None:
@@ -385,7 +388,9 @@ class KfpState:
         env.update(self.task_env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         with self._lock:
-            run = self._runs[run_id]
+            run = self._runs.get(run_id)
+            if run is None:  # deleted before it started (DeleteRun): nothing runs
+                return
             if execution.cancel_requested:
                 self._set_state(run, "CANCELED")
                 return

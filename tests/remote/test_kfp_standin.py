@@ -12,6 +12,7 @@ import kfp_server_api
 import pytest
 
 from tests.kfp_standin import KfpStandin
+from tests.kfp_standin.runs import Execution
 from tests.remote import standin_pipelines as sp
 from tests.support.loopback import wait_for
 
@@ -127,14 +128,19 @@ def test_failure_runs_exit_handler_and_fails(standin, tmp_path):
     assert "sleep-then-fail" in client.get_run(result.run_id).error.message
 
 
-def test_terminate_kills_the_execution(standin, tmp_path):
-    client = client_for(standin)
+def _long_run(client: kfp.Client, tmp_path: Path, name: str):
+    """A run of the exit pipeline whose task sleeps for 5 minutes."""
     package = sp.compile_to(sp.exit_pipeline, tmp_path / "exit.yaml")
-    result = client.create_run_from_pipeline_package(
+    return client.create_run_from_pipeline_package(
         str(package),
         arguments={"final_out": str(tmp_path / "f"), "seconds": 300.0},
-        run_name="job-long",
+        run_name=name,
     )
+
+
+def test_terminate_kills_the_execution(standin, tmp_path):
+    client = client_for(standin)
+    result = _long_run(client, tmp_path, "job-long")
     wait_for(lambda: client.get_run(result.run_id).state == "RUNNING", 60, "RUNNING", every=POLL_S)
     time.sleep(1.0)
     client.terminate_run(result.run_id)
@@ -220,3 +226,18 @@ def test_stop_refuses_connections_then_start_serves_same_state(standin):
     standin.start()
     assert standin.url == url
     assert client.get_experiment(experiment_id=exp.experiment_id).display_name == "exp-d"
+
+
+def test_an_execution_of_a_deleted_run_starts_nothing(standin, tmp_path):
+    """DeleteRun (a racing replica's converging delete) can come before the run's execution
+    thread looks the run up: that execution ends quietly, no executor started."""
+    client = client_for(standin)
+    result = _long_run(client, tmp_path, "job-deleted")
+    client.delete_run(result.run_id)
+    state = standin.state
+    wait_for(lambda: state._executions[result.run_id].done.is_set(), 30, "execution done")
+    late = Execution()  # as if the thread had only now reached its lookup
+    (tmp_path / "late").mkdir()
+    state._execute(result.run_id, {}, {}, {}, tmp_path / "late", late)
+    assert late.process is None
+    assert result.run_id in state.deleted and state.run_count() == 0
