@@ -8,6 +8,7 @@ the status). Moto cannot be told to answer 503 SlowDown, so the transient cases 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,8 +22,14 @@ REGION = "us-east-1"
 
 @contextmanager
 def moto_server() -> Iterator[str]:
-    """A moto S3 server (server mode, real HTTP) on a free loopback port; yields its URL."""
+    """A moto S3 server (server mode, real HTTP) on a free loopback port; yields its URL.
+
+    Its werkzeug access lines are dropped: once a test in this process has imported
+    llama-stack, whose rich handler on the root logger writes to the terminal pytest reports
+    on, every S3 request printed one into pytest's progress line."""
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
