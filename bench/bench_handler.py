@@ -20,18 +20,30 @@ Part one (``--part local``), local mode. Every app runs under the same gunicorn 
 
 The handler's backend is chosen by configuration: ``hold`` (accept, never start: the ingress
 path alone, the default) or ``noop`` (start and complete every job at once). A bounded load
-generator (client processes x threads, a fixed number of requests, new connection per request)
-posts binary-mode job.requested events with unique job_uuids, rounds alternating between the
-apps (each round starts once the previous app is idle again). It prints req/s, p50, p99 and
-worker CPU per request for each, and each one's ratio to ``bare``. Targets (issue 3): handler
+generator (client processes x threads, a fixed number of requests) posts binary-mode
+job.requested events with unique job_uuids, rounds alternating between the apps (each round
+starts once the previous app is idle again). It prints req/s, p50, p99 and worker CPU per
+request for each, and each one's ratio to ``bare``. Targets (issue 3): handler
 >= 0.9x bare, p99 <= 20 ms at 2 workers; (issue 11) handler >= 0.9x floor; (issue 13)
 handler-traced >= 0.9x handler.
+
+Connections (``--connections``): every app and baseline is measured in both modes in one run,
+each against its baseline in the same mode. ``per-request``: a new TCP connection per request.
+``kept-alive``: each client thread keeps one connection per port and reuses it until the
+server closes it, as Knative's queue-proxy (a Go reverse proxy pooling keep-alive connections
+to the user container) does in the deployment. What the server does with it depends on its
+worker: gunicorn's sync workers (``GUNICORN_THREADS`` 1, the local part's and ``kfp-trainer
+serve``'s default) close every connection after its answer whatever the client asks, so there
+kept-alive is a reconnect per request (``conns/req`` 1.00); gthread workers (threads > 1, the
+remote part, which takes workers and threads from knative/config.yaml as deployed) keep it
+for ``keepalive`` (5 s, handler/gunicorn_conf.py). ``conns/req`` is connections the clients
+opened per request.
 
 Part two (``--part remote``), remote mode: the latency the stateless handler adds on top of the
 KFP stand-in's ``create_run``. The stand-in accepts runs and never starts them
 (``Simulation(train_s=None)``); ``create_run`` is the same request body the handler sends
 (the compiled pipeline and the job's parameters), POSTed straight to the stand-in with the same
-load; ``handler`` is one gunicorn (``GUNICORN_WORKERS`` x ``GUNICORN_THREADS`` as in
+load; ``handler`` is one gunicorn (``GUNICORN_WORKERS`` x ``GUNICORN_THREADS`` read from
 knative/config.yaml), ``handler x3`` three of them, requests spread round-robin. A fresh stand-in
 per configuration keeps its run list the same length for each, and between measurements what it
 stores is frozen out of the garbage collector's view (``_freeze_standin``: a Python stand-in's
@@ -44,6 +56,7 @@ hand:
     .venv/bin/python bench/bench_handler.py [--part local|remote|both] [--backend hold|noop]
         [--requests 2000] [--remote-requests 400] [--workers 2] [--threads 1] [--clients 2x2]
         [--logs DIR] [--apps handler,handler-traced]
+        [--connections both|per-request|kept-alive]
 """
 
 from __future__ import annotations
@@ -63,11 +76,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from handler.remote.transport import Connections  # noqa: E402
 from tests.k8s_standin import KubeApiStandin  # noqa: E402
 from tests.support.jobs import job_request  # noqa: E402
 from tests.support.otlp import OtlpReceiver  # noqa: E402
@@ -275,6 +289,18 @@ def _auth_env(api: KubeApiStandin, base: Path) -> dict[str, str]:
     }
 
 
+class _CountedConnections(Connections):
+    """The handler's own keep-alive connections (one per thread), counting those it opens."""
+
+    opened = 0
+
+    def _new(self) -> http.client.HTTPConnection:
+        conn = super()._new()
+        with self._lock:
+            self.opened += 1
+        return conn
+
+
 def _client(
     ports: list[int],
     prefix: str,
@@ -284,11 +310,16 @@ def _client(
     token: str,
     out: Any,
     create_run: bytes | None = None,
+    keep_alive: bool = False,
 ) -> None:
     """One client process: ``threads`` threads sharing ``count`` requests, round-robin over
     ``ports``; latencies in ms. ``create_run``: POST that KFP run body (its display name made
-    unique) to /apis/v2beta1/runs instead of a job.requested event."""
+    unique) to /apis/v2beta1/runs instead of a job.requested event. ``keep_alive``: each thread
+    keeps one connection per port open and reuses it until the server closes it (as Knative's
+    queue-proxy does); otherwise a new connection per request."""
     import threading
+
+    pools = {port: _CountedConnections(f"http://127.0.0.1:{port}", timeout_s=30) for port in ports}
 
     headers_base = {
         "ce-specversion": "1.0",
@@ -323,20 +354,23 @@ def _client(
                 headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
             t0 = time.perf_counter()
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                conn.request("POST", path, body=body, headers=headers)
-                resp = conn.getresponse()
-                resp.read()
-                conn.close()
-                ok = resp.status == 200
-            except OSError as exc:
-                ok = False
+                if keep_alive:
+                    status = pools[port].send("POST", path, body, headers).status
+                else:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                    conn.request("POST", path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    resp.read()
+                    conn.close()
+                    status = resp.status
+            except (OSError, http.client.HTTPException) as exc:
+                status = 0
                 with lock:
-                    errors.append(str(exc))
+                    errors.append(repr(exc))
             mine.append((time.perf_counter() - t0) * 1000)
-            if not ok:
+            if status not in (0, 200):
                 with lock:
-                    errors.append(f"status {resp.status}")
+                    errors.append(f"status {status}")
         with lock:
             lat.extend(mine)
 
@@ -345,7 +379,21 @@ def _client(
         t.start()
     for t in ts:
         t.join(600)
-    out.put((lat, errors[:5], len(errors)))
+    opened = sum(p.opened for p in pools.values()) if keep_alive else len(lat)
+    for pool in pools.values():
+        pool.close()
+    out.put((lat, errors[:5], len(errors), opened))
+
+
+class Load(NamedTuple):
+    rps: float
+    latencies: list[float]  # ms, one per request
+    connections: int  # opened by the clients
+
+
+# How the load generator connects: a new connection per request, or one per client thread and
+# port kept alive (Knative's queue-proxy). Each is measured against its own baseline.
+CONNECTIONS = {"per-request": False, "kept-alive": True}
 
 
 def run_load(
@@ -357,7 +405,8 @@ def run_load(
     dataset: str,
     token: str = "",
     create_run: bytes | None = None,
-):
+    keep_alive: bool = False,
+) -> Load:
     ports = port if isinstance(port, list) else [port]
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
@@ -365,7 +414,7 @@ def run_load(
     workers = [
         ctx.Process(
             target=_client,
-            args=(ports, f"{prefix}-p{i}", n, threads, dataset, token, out, create_run),
+            args=(ports, f"{prefix}-p{i}", n, threads, dataset, token, out, create_run, keep_alive),
         )
         for i, n in enumerate(per)
     ]
@@ -376,12 +425,12 @@ def run_load(
     elapsed = time.perf_counter() - t0
     for w in workers:
         w.join(60)
-    latencies = [x for lat, _, _ in results for x in lat]
-    errors = sum(n for _, _, n in results)
+    latencies = [x for lat, _, _, _ in results for x in lat]
+    errors = sum(n for _, _, n, _ in results)
     if errors:
-        samples = [e for _, es, _ in results for e in es]
+        samples = [e for _, es, _, _ in results for e in es]
         raise SystemExit(f"{errors} failed requests against {ports}, e.g. {samples[:3]}")
-    return len(latencies) / elapsed, latencies
+    return Load(len(latencies) / elapsed, latencies, sum(o for *_, o in results))
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -393,8 +442,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="per server per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="local part (kfp-trainer serve's default)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="local part (1: sync workers, serve's default)"
+    )
+    parser.add_argument(
+        "--connections",
+        default="both",
+        choices=(*CONNECTIONS, "both"),
+        help="new connection per request, kept alive per client thread, or both (the default)",
+    )
     parser.add_argument("--clients", default="2x2", help="PROCESSESxTHREADS of the load generator")
     parser.add_argument("--logs", type=Path, help="keep every server's JSON log in this directory")
     parser.add_argument(
@@ -414,6 +473,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     procs, threads = (int(x) for x in args.clients.split("x"))
+    args.modes = list(CONNECTIONS) if args.connections == "both" else [args.connections]
     if args.part in ("local", "both"):
         local_part(args, procs, threads)
     if args.part in ("remote", "both"):
@@ -471,7 +531,11 @@ def local_part(args: argparse.Namespace, procs: int, threads: int) -> None:
             wanted = {"bare", *args.apps.split(",")}
             apps = {name: app for name, app in apps.items() if name in wanted}
         servers: dict[str, Server] = {}
-        stats = {name: {"rps": [], "lat": [], "cpu": []} for name in apps}
+        stats = {
+            (name, mode): {"rps": [], "lat": [], "cpu": [], "conns": 0}
+            for mode in args.modes
+            for name in apps
+        }
         try:
             for name, (app, app_env) in apps.items():
                 servers[name] = Server(
@@ -481,15 +545,25 @@ def local_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                 run_load(server.port, "warm", 100, procs, threads, str(dataset), token)
                 server.settle()
             for r in range(args.rounds):
-                for name, server in servers.items():
-                    cpu = server.cpu_s()
-                    rps, lat = run_load(
-                        server.port, f"r{r}", args.requests, procs, threads, str(dataset), token
-                    )
-                    stats[name]["cpu"].append((server.cpu_s() - cpu) / args.requests * 1e6)
-                    stats[name]["rps"].append(rps)
-                    stats[name]["lat"].extend(lat)
-                    server.settle()
+                for mode in args.modes:
+                    for name, server in servers.items():
+                        cpu = server.cpu_s()
+                        load = run_load(
+                            server.port,
+                            f"r{r}{mode[0]}",
+                            args.requests,
+                            procs,
+                            threads,
+                            str(dataset),
+                            token,
+                            keep_alive=CONNECTIONS[mode],
+                        )
+                        st = stats[name, mode]
+                        st["cpu"].append((server.cpu_s() - cpu) / args.requests * 1e6)
+                        st["rps"].append(load.rps)
+                        st["lat"].extend(load.latencies)
+                        st["conns"] += load.connections
+                        server.settle()
         finally:
             reviewed = len(api.reviews)
             for server in servers.values():
@@ -500,43 +574,58 @@ def local_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                     log = f"{name}.log"
                     (args.logs / log).write_bytes((base / log).read_bytes())
 
+    kind = "sync: every answer closes its connection" if args.threads == 1 else "gthread"
     print(
-        f"gunicorn workers={args.workers} threads={args.threads}; backend {args.backend}; load "
-        f"{procs} processes x {threads} threads; {args.rounds} rounds x {args.requests} requests"
+        f"gunicorn workers={args.workers} threads={args.threads} ({kind})"
+        f"; backend {args.backend}; load {procs} processes x {threads} threads; "
+        f"{args.rounds} rounds x {args.requests} requests per connection mode"
     )
-    bare_rps = statistics.median(stats["bare"]["rps"])
+    for mode in args.modes:
+        _local_table(stats, mode, args, reviewed, len(otlp.received()))
+
+
+def _local_table(
+    stats: dict[tuple[str, str], dict[str, Any]],
+    mode: str,
+    args: argparse.Namespace,
+    reviewed: int,
+    spans: int,
+) -> None:
+    """One connection mode's figures; every ratio is against apps measured in that mode."""
+    names = [name for name, m in stats if m == mode]
+    rps = {name: statistics.median(stats[name, mode]["rps"]) for name in names}
+    print(f"\n[local, connections {mode}]")
     print(
-        f"{'app':13s} {'req/s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} {'cpu us/req':>10s} {'ratio':>6s}"
+        f"{'app':15s} {'req/s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} {'cpu us/req':>10s} "
+        f"{'conns/req':>9s} {'ratio':>6s}"
     )
-    for name, st in stats.items():
-        rps = statistics.median(st["rps"])
+    for name in names:
+        st = stats[name, mode]
         print(
-            f"{name:13s} {rps:8.1f} {_pct(st['lat'], 0.5):7.2f} {_pct(st['lat'], 0.99):7.2f} "
-            f"{statistics.median(st['cpu']):10.0f} {rps / bare_rps:5.2f}x"
+            f"{name:15s} {rps[name]:8.1f} {_pct(st['lat'], 0.5):7.2f} {_pct(st['lat'], 0.99):7.2f} "
+            f"{statistics.median(st['cpu']):10.0f} {st['conns'] / len(st['lat']):9.2f} "
+            f"{rps[name] / rps['bare']:5.2f}x"
         )
-    if "handler-auth" in stats and "handler" in stats:
-        auth = statistics.median(stats["handler-auth"]["rps"]) / statistics.median(
-            stats["handler"]["rps"]
-        )
+    if "handler-auth" in rps and "handler" in rps:
         print(
-            f"handler-auth: {auth:.2f}x handler; {reviewed} TokenReviews for "
-            f"{100 + args.rounds * args.requests} requests ({args.workers} workers)"
+            f"handler-auth: {rps['handler-auth'] / rps['handler']:.2f}x handler; {reviewed} "
+            f"TokenReviews in the run, all modes ({args.workers} workers)"
         )
-    if "handler" in stats:
-        ratio = statistics.median(stats["handler"]["rps"]) / bare_rps
-        p99 = _pct(stats["handler"]["lat"], 0.99)
-        print(f"targets: handler >= 0.90x bare (got {ratio:.2f}x), p99 <= 20 ms (got {p99:.2f} ms)")
-    if "handler" in stats and "floor" in stats:
-        ratio = statistics.median(stats["handler"]["rps"]) / statistics.median(
-            stats["floor"]["rps"]
-        )
-        print(f"target: handler >= 0.90x floor (the same checks and one insert; got {ratio:.2f}x)")
-    if "handler" in stats and "handler-traced" in stats:
-        traced = statistics.median(stats["handler-traced"]["rps"])
-        ratio = traced / statistics.median(stats["handler"]["rps"])
+    if "handler" in rps:
+        p99 = _pct(stats["handler", mode]["lat"], 0.99)
         print(
-            f"tracing: handler-traced >= 0.90x handler (got {ratio:.2f}x; "
-            f"{len(otlp.received())} spans received)"
+            f"targets ({mode}): handler >= 0.90x bare (got {rps['handler'] / rps['bare']:.2f}x), "
+            f"p99 <= 20 ms (got {p99:.2f} ms)"
+        )
+    if "handler" in rps and "floor" in rps:
+        print(
+            f"target ({mode}): handler >= 0.90x floor (the same checks and one insert; got "
+            f"{rps['handler'] / rps['floor']:.2f}x)"
+        )
+    if "handler" in rps and "handler-traced" in rps:
+        print(
+            f"tracing ({mode}): handler-traced >= 0.90x handler (got "
+            f"{rps['handler-traced'] / rps['handler']:.2f}x; {spans} spans received in the run)"
         )
 
 
@@ -560,9 +649,11 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
     from handler.settings import HandlerSettings
     from tests.kfp_standin import KfpStandin, Simulation
 
-    rows: dict[tuple[str, str], list[float]] = {}
-    rates: dict[tuple[str, str], float] = {}
-    cpu: dict[tuple[str, str], list[float]] = {}  # [handler workers, stand-in] CPU seconds
+    workers, gthreads = _deployed_gunicorn()
+    rows: dict[tuple[str, str, str], list[float]] = {}
+    rates: dict[tuple[str, str, str], float] = {}
+    conns: dict[tuple[str, str, str], int] = {}
+    cpu: dict[tuple[str, str, str], list[float]] = {}  # [handler workers, stand-in] CPU seconds
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp:
         base = Path(tmp)
         dataset = "s3://bench/pt/datasets/train.jsonl s3://bench/pt/models/llama3.2-tiny.tar"
@@ -589,8 +680,8 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                         "handler:create_app()",
                         env,
                         base / f"remote-{replicas}-{i}.log",
-                        args.workers,
-                        max(args.threads, 4),
+                        workers,
+                        gthreads,
                     )
                     for i in range(replicas)
                 ]
@@ -600,63 +691,81 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                     run_load(ports, "warm-h", 50 * replicas, procs, threads, dataset)
                     name = "handler" if replicas == 1 else "handler x3"
                     for r in range(args.rounds):
-                        for load, (lp, lt) in _loads(procs, threads).items():
-                            for label, target, extra in (
-                                (f"create_run ({replicas})", standin.port, body),
-                                (name, ports, None),
-                            ):
-                                _freeze_standin()
-                                handler_cpu = sum(s.cpu_s() for s in servers)
-                                # this process's CPU: the KFP stand-in's threads (the
-                                # load generator runs in child processes)
-                                standin_cpu = time.process_time()
-                                rps, lat = run_load(
-                                    target,
-                                    f"{label[:6]}-{load[:3]}-r{r}",
-                                    args.remote_requests,
-                                    lp,
-                                    lt,
-                                    dataset,
-                                    create_run=extra,
-                                )
-                                key = (label, load)
-                                rows.setdefault(key, []).extend(lat)
-                                rates[key] = max(rates.get(key, 0.0), rps)
-                                spent = cpu.setdefault(key, [0.0, 0.0])
-                                spent[1] += time.process_time() - standin_cpu
-                                spent[0] += sum(s.cpu_s() for s in servers) - handler_cpu
+                        for load_name, (lp, lt) in _loads(procs, threads).items():
+                            for mode in args.modes:
+                                for label, target, extra in (
+                                    (f"create_run ({replicas})", standin.port, body),
+                                    (name, ports, None),
+                                ):
+                                    _freeze_standin()
+                                    handler_cpu = sum(s.cpu_s() for s in servers)
+                                    # this process's CPU: the KFP stand-in's threads (the
+                                    # load generator runs in child processes)
+                                    standin_cpu = time.process_time()
+                                    load = run_load(
+                                        target,
+                                        f"{label[:6]}-{load_name[:3]}-{mode[0]}-r{r}",
+                                        args.remote_requests,
+                                        lp,
+                                        lt,
+                                        dataset,
+                                        create_run=extra,
+                                        keep_alive=CONNECTIONS[mode],
+                                    )
+                                    key = (label, load_name, mode)
+                                    rows.setdefault(key, []).extend(load.latencies)
+                                    rates[key] = max(rates.get(key, 0.0), load.rps)
+                                    conns[key] = conns.get(key, 0) + load.connections
+                                    spent = cpu.setdefault(key, [0.0, 0.0])
+                                    spent[1] += time.process_time() - standin_cpu
+                                    spent[0] += sum(s.cpu_s() for s in servers) - handler_cpu
                 finally:
                     for server in servers:
                         server.stop()
     print(
-        f"\nremote: {args.workers} workers x {max(args.threads, 4)} threads per replica; "
-        f"{args.rounds} rounds x {args.remote_requests} requests per configuration and load; "
-        f"loads: "
+        f"\nremote: {workers} workers x {gthreads} threads per replica (knative/config.yaml); "
+        f"{args.rounds} rounds x {args.remote_requests} requests per configuration, load and "
+        "connection mode; loads: "
         + ", ".join(
             f"{k} = {p} processes x {t} threads" for k, (p, t) in _loads(procs, threads).items()
         )
     )
-    print(
-        f"{'':18s} {'load':>10s} {'req/s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
-        f"{'handler us CPU/req':>18s} {'stand-in us CPU/req':>19s}"
-    )
-    for (label, load), lat in rows.items():
-        handler_s, standin_s = (1e6 * x / len(lat) for x in cpu[label, load])
+    for mode in args.modes:
+        print(f"\n[remote, connections {mode}]")
         print(
-            f"{label:18s} {load:>10s} {rates[label, load]:8.1f} {_pct(lat, 0.5):7.2f} "
-            f"{_pct(lat, 0.99):7.2f} {handler_s:18.0f} {standin_s:19.0f}"
+            f"{'':16s} {'load':>10s} {'req/s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
+            f"{'handler us CPU/req':>18s} {'stand-in us CPU/req':>19s} {'conns/req':>9s}"
         )
-    for replicas, name in ((1, "handler"), (3, "handler x3")):
-        for load in _loads(procs, threads):
-            base_lat = rows[f"create_run ({replicas})", load]
-            lat = rows[name, load]
-            p50 = _pct(lat, 0.5) - _pct(base_lat, 0.5)
-            p99 = _pct(lat, 0.99) - _pct(base_lat, 0.99)
+        for (label, load_name, m), lat in rows.items():
+            if m != mode:
+                continue
+            key = (label, load_name, m)
+            handler_s, standin_s = (1e6 * x / len(lat) for x in cpu[key])
             print(
-                f"{name} ({load}): adds {p50:.2f} ms at p50, {p99:.2f} ms at p99 on top of "
-                f"create_run; p99 {_pct(lat, 0.99):.2f} ms (targets: <= 5 ms added at p50, "
-                "p99 <= 20 ms)"
+                f"{label:16s} {load_name:>10s} {rates[key]:8.1f} {_pct(lat, 0.5):7.2f} "
+                f"{_pct(lat, 0.99):7.2f} {handler_s:18.0f} {standin_s:19.0f} "
+                f"{conns[key] / len(lat):9.2f}"
             )
+        for replicas, name in ((1, "handler"), (3, "handler x3")):
+            for load_name in _loads(procs, threads):
+                base_lat = rows[f"create_run ({replicas})", load_name, mode]
+                lat = rows[name, load_name, mode]
+                p50 = _pct(lat, 0.5) - _pct(base_lat, 0.5)
+                p99 = _pct(lat, 0.99) - _pct(base_lat, 0.99)
+                print(
+                    f"{name} ({load_name}, {mode}): adds {p50:.2f} ms at p50, {p99:.2f} ms at "
+                    f"p99 on top of create_run; p99 {_pct(lat, 0.99):.2f} ms (targets: <= 5 ms "
+                    "added at p50, p99 <= 20 ms)"
+                )
+
+
+def _deployed_gunicorn() -> tuple[int, int]:
+    """GUNICORN_WORKERS and GUNICORN_THREADS as knative/config.yaml deploys the remote handler
+    (threads > 1: gthread workers, which keep connections alive)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "knative" / "config.yaml").read_text())["data"]
+    return int(config["GUNICORN_WORKERS"]), int(config["GUNICORN_THREADS"])
 
 
 def _freeze_standin() -> None:
