@@ -294,11 +294,8 @@ class KfpState:
         """Run the pipeline's effects in-process (tests/kfp_standin/simulated.py)."""
         assert self.simulation is not None and self.simulation.train_s is not None
         with self._lock:
-            run = self._runs.get(run_id)
-            if run is None:  # deleted before it started (DeleteRun): nothing runs
-                return
-            if execution.cancel_requested:
-                self._set_state(run, "CANCELED")
+            run = self._starting(run_id, execution)
+            if run is None:
                 return
             self._set_state(run, "RUNNING")
         env = {**self.task_env, **_task_env(spec, "exec-train"), **secret_env.get("exec-train", {})}
@@ -347,6 +344,15 @@ class KfpState:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
 
+    def _starting(self, run_id: str, execution: Execution) -> dict[str, Any] | None:
+        """The run whose execution starts now (the lock held), or None: deleted meanwhile
+        (DeleteRun: nothing runs), or cancelled before it started (then marked CANCELED)."""
+        run = self._runs.get(run_id)
+        if run is not None and execution.cancel_requested:
+            self._set_state(run, "CANCELED")
+            return None
+        return run
+
     def _set_state(self, run: dict[str, Any], state: str, error: str | None = None) -> None:
         now = _now()
         run["state"] = state
@@ -388,11 +394,8 @@ class KfpState:
         env.update(self.task_env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         with self._lock:
-            run = self._runs.get(run_id)
-            if run is None:  # deleted before it started (DeleteRun): nothing runs
-                return
-            if execution.cancel_requested:
-                self._set_state(run, "CANCELED")
+            run = self._starting(run_id, execution)
+            if run is None:
                 return
             with open(run_dir / "log.txt", "wb") as log:
                 execution.process = subprocess.Popen(
