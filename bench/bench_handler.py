@@ -9,6 +9,9 @@ Part one (``--part local``), local mode. Every app runs under the same gunicorn 
 - ``floor``: a bare Flask app doing the handler's ingress checks (the same ``ingress.decode``
   and ``Admission.check``) and one durable INSERT per accepted request (SQLite, WAL,
   ``synchronous=NORMAL``, as the handler's store): the same work, without the handler around it;
+- ``floor-reply``: the floor plus only the 200 ``job.scheduled`` reply event the design requires
+  (the contract's event, in binary mode, as the Broker routes it): what the floor leaves out that
+  no handler may, so ``handler / floor-reply`` is the cost of the handler around the work;
 - ``handler``: the real app (``KFP_TRAINER_DB_SYNC=normal``, the default) over a fresh store;
 - ``handler-full``: the same with ``KFP_TRAINER_DB_SYNC=full`` (an fsync per accepted request);
 - ``handler-auth``: the handler with identity checks on (``KFP_TRAINER_AUTH=true``) against the
@@ -44,14 +47,17 @@ KFP stand-in's ``create_run``. The stand-in accepts runs and never starts them
 (``Simulation(train_s=None)``); ``create_run`` is the same request body the handler sends
 (the compiled pipeline and the job's parameters), POSTed straight to the stand-in with the same
 load; ``handler`` is one gunicorn (``GUNICORN_WORKERS`` x ``GUNICORN_THREADS`` read from
-knative/config.yaml), ``handler x3`` three of them, requests spread round-robin. A fresh stand-in
-per configuration keeps its run list the same length for each, and between measurements what it
-stores is frozen out of the garbage collector's view (``_freeze_standin``: a Python stand-in's
-full collections, not KFP, would otherwise set both p99s). Each configuration is measured
-at two loads in the same run: the concurrent one (``--clients``; on 2 cores it saturates them, so
-"added" is mostly queueing behind the CPU a request costs) and one client at a time (the time the
-handler itself adds). Targets (issue 11): at most 5 ms added at p50, p99 at most 20 ms. Run by
-hand:
+knative/config.yaml), ``handler x3`` three of them, requests spread round-robin; ``kfp-floor``
+(and ``x3``) is the remote floor under the same gunicorn: the same decode, checks and KFP calls
+(``KfpRuns.create``: find, create, the converging find) with no reply event, metrics, logs or
+spans, so ``handler - kfp-floor`` is what the handler adds around the KFP calls it must make.
+A fresh stand-in per configuration keeps its run list the same length for each, and between
+measurements what it stores is frozen out of the garbage collector's view (``_freeze_standin``: a
+Python stand-in's full collections, not KFP, would otherwise set both p99s). Each configuration is
+measured at two loads in the same run: the concurrent one (``--clients``; on 2 cores it saturates
+them, so "added" is mostly queueing behind the CPU a request costs) and one client at a time (the
+time the handler itself adds). Targets (issue 11): at most 5 ms added at p50, p99 at most 20 ms.
+Run by hand:
 
     .venv/bin/python bench/bench_handler.py [--part local|remote|both] [--backend hold|noop]
         [--requests 2000] [--remote-requests 400] [--workers 2] [--threads 1] [--clients 2x2]
@@ -62,6 +68,7 @@ hand:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import http.client
 import json
@@ -69,12 +76,14 @@ import multiprocessing
 import os
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -130,20 +139,33 @@ def create_checks_app() -> Any:
     return _app("checks", receive)
 
 
-def create_floor_app() -> Any:
+def make_floor_db(path: Path) -> None:
+    """The floor's database, made before its server starts: two workers racing to switch a new
+    file to WAL at their first connection can fail a request, which the handler's store (made
+    once, by the master) never does."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE jobs (job_uuid TEXT PRIMARY KEY, request TEXT NOT NULL)")
+
+
+def create_floor_app(reply: bool = False) -> Any:
     """The same work as the local handler's ingress, nothing around it: the handler's checks and
-    one durable INSERT (``BENCH_FLOOR_DB``; WAL, synchronous=NORMAL), then an empty 200."""
-    import sqlite3
+    one durable INSERT (``BENCH_FLOOR_DB``, made by :func:`make_floor_db`; synchronous=NORMAL),
+    then an empty 200; with ``reply``, the 200 carries the job.scheduled event instead."""
     import threading
 
+    import flask
     from cloudevents.core.bindings.http import HTTPMessage
     from flask import request
 
-    from handler import ingress
+    from handler import contract, ingress
     from handler.admission import Admission
+    from handler.reply import event_reply
     from handler.settings import HandlerSettings
+    from handler.store import new_job
 
-    admission = Admission(HandlerSettings.from_env())
+    settings = HandlerSettings.from_env()
+    admission = Admission(settings)
     path = os.environ["BENCH_FLOOR_DB"]
     local = threading.local()
 
@@ -151,15 +173,11 @@ def create_floor_app() -> Any:
         conn = getattr(local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(path, isolation_level=None, timeout=5, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS jobs (job_uuid TEXT PRIMARY KEY, request TEXT NOT NULL)"
-            )
             local.conn = conn
         return conn
 
-    def receive() -> tuple[str, int]:
+    def receive() -> Any:
         message = HTTPMessage(dict(request.headers.items()), request.get_data())
         try:
             event = ingress.decode(message, max_body_bytes=1024 * 1024)
@@ -170,9 +188,53 @@ def create_floor_app() -> Any:
             "INSERT INTO jobs VALUES (?, ?) ON CONFLICT DO NOTHING",
             (event.data["job_uuid"], json.dumps(event.data)),
         )
+        if not reply:
+            return "", 200
+        now = datetime.now(UTC)
+        job = new_job(
+            job_uuid=event.data["job_uuid"],
+            digest="",
+            request=event.data,
+            scheduled_at=contract.timestamp(now) or "",
+        )
+        scheduled = contract.make_event(
+            contract.JOB_SCHEDULED, settings.source, job.to_status(), time=now
+        )
+        answer = event_reply(scheduled)
+        return flask.Response(answer.body, status=answer.status, headers=answer.headers)
+
+    return _app("floor-reply" if reply else "floor", receive)
+
+
+def create_remote_floor_app() -> Any:
+    """The remote handler's work on a new job, nothing around it: decode, the same checks, the
+    same KFP calls (find, create, the converging find: ``KfpRuns.create``), then an empty 200.
+    No reply event, metrics, logs or spans."""
+    from cloudevents.core.bindings.http import HTTPMessage
+    from flask import request
+
+    from handler import ingress
+    from handler.admission import Admission
+    from handler.remote import s3
+    from handler.remote.runs import KfpRuns
+    from handler.settings import HandlerSettings
+
+    settings = HandlerSettings.from_env()
+    admission = Admission(settings, default_model_store=s3.model_store(settings.remote))
+    runs = KfpRuns(settings)
+
+    def receive() -> tuple[str, int]:
+        message = HTTPMessage(dict(request.headers.items()), request.get_data())
+        try:
+            event = ingress.decode(message, max_body_bytes=settings.max_body_bytes)
+            admission.check(event.data)
+            resolved = admission.resolve(event.data)
+        except ValueError as exc:  # the handler's BadRequest and ContractError are ValueErrors
+            return str(exc), 400
+        runs.create(resolved, ingress.digest(event.data))
         return "", 200
 
-    return _app("floor", receive)
+    return _app("kfp-floor", receive)
 
 
 def _request_body(job_uuid: str, dataset: str) -> bytes:
@@ -509,6 +571,10 @@ def local_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                 "bench_handler:create_floor_app()",
                 {**env, "BENCH_FLOOR_DB": str(base / "floor.sqlite3")},
             ),
+            "floor-reply": (
+                "bench_handler:create_floor_app(reply=True)",
+                {**env, "BENCH_FLOOR_DB": str(base / "floor-reply.sqlite3")},
+            ),
             "handler": ("handler:create_app()", {**env, "KFP_TRAINER_DB_SYNC": "normal"}),
             "handler-full": (
                 "handler:create_app()",
@@ -538,6 +604,8 @@ def local_part(args: argparse.Namespace, procs: int, threads: int) -> None:
         }
         try:
             for name, (app, app_env) in apps.items():
+                if "BENCH_FLOOR_DB" in app_env:
+                    make_floor_db(Path(app_env["BENCH_FLOOR_DB"]))
                 servers[name] = Server(
                     app, app_env, base / f"{name}.log", args.workers, args.threads
                 )
@@ -622,6 +690,12 @@ def _local_table(
             f"target ({mode}): handler >= 0.90x floor (the same checks and one insert; got "
             f"{rps['handler'] / rps['floor']:.2f}x)"
         )
+    if "handler" in rps and "floor-reply" in rps and "floor" in rps:
+        print(
+            f"floor-reply ({mode}): the floor plus only the required job.scheduled reply is "
+            f"{rps['floor-reply'] / rps['floor']:.2f}x floor; handler is "
+            f"{rps['handler'] / rps['floor-reply']:.2f}x floor-reply"
+        )
     if "handler" in rps and "handler-traced" in rps:
         print(
             f"tracing ({mode}): handler-traced >= 0.90x handler (got "
@@ -675,30 +749,34 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                 }
                 runs = KfpRuns(HandlerSettings.from_env(env))
                 body = _run_body(runs, "bench", dataset)
-                servers = [
-                    Server(
-                        "handler:create_app()",
-                        env,
-                        base / f"remote-{replicas}-{i}.log",
-                        workers,
-                        gthreads,
+                servers, floors = (
+                    [
+                        Server(app, env, base / f"{kind}-{replicas}-{i}.log", workers, gthreads)
+                        for i in range(replicas)
+                    ]
+                    for kind, app in (
+                        ("remote", "handler:create_app()"),
+                        ("kfp-floor", "bench_handler:create_remote_floor_app()"),
                     )
-                    for i in range(replicas)
-                ]
+                )
                 ports = [s.port for s in servers]
+                floor_ports = [s.port for s in floors]
                 try:
                     run_load(standin.port, "warm-c", 50, procs, threads, dataset, create_run=body)
                     run_load(ports, "warm-h", 50 * replicas, procs, threads, dataset)
+                    run_load(floor_ports, "warm-f", 50 * replicas, procs, threads, dataset)
                     name = "handler" if replicas == 1 else "handler x3"
+                    floor_name = "kfp-floor" if replicas == 1 else "kfp-floor x3"
                     for r in range(args.rounds):
                         for load_name, (lp, lt) in _loads(procs, threads).items():
                             for mode in args.modes:
-                                for label, target, extra in (
-                                    (f"create_run ({replicas})", standin.port, body),
-                                    (name, ports, None),
+                                for label, target, extra, measured in (
+                                    (f"create_run ({replicas})", standin.port, body, []),
+                                    (floor_name, floor_ports, None, floors),
+                                    (name, ports, None, servers),
                                 ):
                                     _freeze_standin()
-                                    handler_cpu = sum(s.cpu_s() for s in servers)
+                                    handler_cpu = sum(s.cpu_s() for s in measured)
                                     # this process's CPU: the KFP stand-in's threads (the
                                     # load generator runs in child processes)
                                     standin_cpu = time.process_time()
@@ -718,9 +796,9 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                                     conns[key] = conns.get(key, 0) + load.connections
                                     spent = cpu.setdefault(key, [0.0, 0.0])
                                     spent[1] += time.process_time() - standin_cpu
-                                    spent[0] += sum(s.cpu_s() for s in servers) - handler_cpu
+                                    spent[0] += sum(s.cpu_s() for s in measured) - handler_cpu
                 finally:
-                    for server in servers:
+                    for server in servers + floors:
                         server.stop()
     print(
         f"\nremote: {workers} workers x {gthreads} threads per replica (knative/config.yaml); "
@@ -734,7 +812,7 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
         print(f"\n[remote, connections {mode}]")
         print(
             f"{'':16s} {'load':>10s} {'req/s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
-            f"{'handler us CPU/req':>18s} {'stand-in us CPU/req':>19s} {'conns/req':>9s}"
+            f"{'app us CPU/req':>18s} {'stand-in us CPU/req':>19s} {'conns/req':>9s}"
         )
         for (label, load_name, m), lat in rows.items():
             if m != mode:
@@ -746,17 +824,18 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                 f"{_pct(lat, 0.99):7.2f} {handler_s:18.0f} {standin_s:19.0f} "
                 f"{conns[key] / len(lat):9.2f}"
             )
-        for replicas, name in ((1, "handler"), (3, "handler x3")):
+        for replicas, suffix in ((1, ""), (3, " x3")):
             for load_name in _loads(procs, threads):
                 base_lat = rows[f"create_run ({replicas})", load_name, mode]
-                lat = rows[name, load_name, mode]
-                p50 = _pct(lat, 0.5) - _pct(base_lat, 0.5)
-                p99 = _pct(lat, 0.99) - _pct(base_lat, 0.99)
-                print(
-                    f"{name} ({load_name}, {mode}): adds {p50:.2f} ms at p50, {p99:.2f} ms at "
-                    f"p99 on top of create_run; p99 {_pct(lat, 0.99):.2f} ms (targets: <= 5 ms "
-                    "added at p50, p99 <= 20 ms)"
-                )
+                for name in (f"kfp-floor{suffix}", f"handler{suffix}"):
+                    lat = rows[name, load_name, mode]
+                    p50 = _pct(lat, 0.5) - _pct(base_lat, 0.5)
+                    p99 = _pct(lat, 0.99) - _pct(base_lat, 0.99)
+                    print(
+                        f"{name} ({load_name}, {mode}): adds {p50:.2f} ms at p50, {p99:.2f} ms "
+                        f"at p99 on top of create_run; p99 {_pct(lat, 0.99):.2f} ms (targets, "
+                        "handler: <= 5 ms added at p50, p99 <= 20 ms)"
+                    )
 
 
 def _deployed_gunicorn() -> tuple[int, int]:
