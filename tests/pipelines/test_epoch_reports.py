@@ -61,12 +61,19 @@ def test_the_train_tasks_progress_events_carry_every_epoch_report(
         )
         events.close()
     sent = _progress_events(sink, "job-reports")
-    # The first step (nothing sent yet), each epoch's last step at once despite the hour's
-    # throttle, nothing in between.
-    assert [e["data"]["progress"]["step"] for e in sent] == [1, 2, 4, 6]
     for event in sent:
         contract.validate_data(event["type"], event["data"])
-    assert [len(e["data"]["progress"].get("epochs", ())) for e in sent] == [0, 1, 2, 3]
+    steps = [e["data"]["progress"]["step"] for e in sent]
+    counts = [len(e["data"]["progress"].get("epochs", ())) for e in sent]
+    # Despite the hour's throttle each new epoch report is sent at once, in one event, and
+    # nothing else is: the first step (nothing sent yet) too, unless the sender thread woke only
+    # after a newer record had replaced it (the newest record wins: seen once on a loaded CI run).
+    # Likewise a report taken a step late travels in the next record of its epoch.
+    assert counts in ([0, 1, 2, 3], [1, 2, 3]), (steps, counts)
+    assert steps[-1] == 6 and steps == sorted(set(steps)), steps
+    for step, reports in zip(steps, counts, strict=True):
+        # epoch k (2 steps) ends at step 2k + 2 and brings report k + 1
+        assert reports == 0 or 2 * reports <= step < 2 * reports + 2, (steps, counts)
     last = sent[-1]["data"]["progress"]
     _assert_reports_match(last["epochs"], result.metrics)
     assert last["grad_norm"] > 0 and "lr" in last
