@@ -83,6 +83,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -717,6 +718,27 @@ def _run_body(runs: Any, job_uuid: str, dataset: str) -> bytes:
     )
 
 
+@dataclass
+class _Measured:
+    """What the remote part measured for one (label, load, connection mode), over its rounds."""
+
+    latencies: list[float] = field(default_factory=list)
+    rps: float = 0.0  # the best round's
+    connections: int = 0
+    app_cpu_s: float = 0.0  # the measured app's gunicorn workers
+    standin_cpu_s: float = 0.0  # the KFP stand-in's threads (this process)
+
+    def add(self, load: Load, app_cpu_s: float, standin_cpu_s: float) -> None:
+        self.latencies.extend(load.latencies)
+        self.rps = max(self.rps, load.rps)
+        self.connections += load.connections
+        self.app_cpu_s += app_cpu_s
+        self.standin_cpu_s += standin_cpu_s
+
+    def per_request_us(self, cpu_s: float) -> float:
+        return 1e6 * cpu_s / len(self.latencies)
+
+
 def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
     """Remote mode: latency on top of the KFP stand-in's create_run, one and three replicas."""
     from handler.remote.runs import KfpRuns
@@ -724,10 +746,7 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
     from tests.kfp_standin import KfpStandin, Simulation
 
     workers, gthreads = _deployed_gunicorn()
-    rows: dict[tuple[str, str, str], list[float]] = {}
-    rates: dict[tuple[str, str, str], float] = {}
-    conns: dict[tuple[str, str, str], int] = {}
-    cpu: dict[tuple[str, str, str], list[float]] = {}  # [handler workers, stand-in] CPU seconds
+    measured: dict[tuple[str, str, str], _Measured] = {}  # by (label, load, mode)
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp:
         base = Path(tmp)
         dataset = "s3://bench/pt/datasets/train.jsonl s3://bench/pt/models/llama3.2-tiny.tar"
@@ -770,13 +789,13 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                     for r in range(args.rounds):
                         for load_name, (lp, lt) in _loads(procs, threads).items():
                             for mode in args.modes:
-                                for label, target, extra, measured in (
+                                for label, target, extra, apps in (
                                     (f"create_run ({replicas})", standin.port, body, []),
                                     (floor_name, floor_ports, None, floors),
                                     (name, ports, None, servers),
                                 ):
                                     _freeze_standin()
-                                    handler_cpu = sum(s.cpu_s() for s in measured)
+                                    app_cpu = sum(s.cpu_s() for s in apps)
                                     # this process's CPU: the KFP stand-in's threads (the
                                     # load generator runs in child processes)
                                     standin_cpu = time.process_time()
@@ -790,16 +809,25 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
                                         create_run=extra,
                                         keep_alive=CONNECTIONS[mode],
                                     )
-                                    key = (label, load_name, mode)
-                                    rows.setdefault(key, []).extend(load.latencies)
-                                    rates[key] = max(rates.get(key, 0.0), load.rps)
-                                    conns[key] = conns.get(key, 0) + load.connections
-                                    spent = cpu.setdefault(key, [0.0, 0.0])
-                                    spent[1] += time.process_time() - standin_cpu
-                                    spent[0] += sum(s.cpu_s() for s in measured) - handler_cpu
+                                    measured.setdefault((label, load_name, mode), _Measured()).add(
+                                        load,
+                                        sum(s.cpu_s() for s in apps) - app_cpu,
+                                        time.process_time() - standin_cpu,
+                                    )
                 finally:
                     for server in servers + floors:
                         server.stop()
+    _remote_table(measured, args, procs, threads, workers, gthreads)
+
+
+def _remote_table(
+    measured: dict[tuple[str, str, str], _Measured],
+    args: argparse.Namespace,
+    procs: int,
+    threads: int,
+    workers: int,
+    gthreads: int,
+) -> None:
     print(
         f"\nremote: {workers} workers x {gthreads} threads per replica (knative/config.yaml); "
         f"{args.rounds} rounds x {args.remote_requests} requests per configuration, load and "
@@ -814,21 +842,20 @@ def remote_part(args: argparse.Namespace, procs: int, threads: int) -> None:
             f"{'':16s} {'load':>10s} {'req/s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
             f"{'app us CPU/req':>18s} {'stand-in us CPU/req':>19s} {'conns/req':>9s}"
         )
-        for (label, load_name, m), lat in rows.items():
+        for (label, load_name, m), got in measured.items():
             if m != mode:
                 continue
-            key = (label, load_name, m)
-            handler_s, standin_s = (1e6 * x / len(lat) for x in cpu[key])
+            lat = got.latencies
             print(
-                f"{label:16s} {load_name:>10s} {rates[key]:8.1f} {_pct(lat, 0.5):7.2f} "
-                f"{_pct(lat, 0.99):7.2f} {handler_s:18.0f} {standin_s:19.0f} "
-                f"{conns[key] / len(lat):9.2f}"
+                f"{label:16s} {load_name:>10s} {got.rps:8.1f} {_pct(lat, 0.5):7.2f} "
+                f"{_pct(lat, 0.99):7.2f} {got.per_request_us(got.app_cpu_s):18.0f} "
+                f"{got.per_request_us(got.standin_cpu_s):19.0f} {got.connections / len(lat):9.2f}"
             )
         for replicas, suffix in ((1, ""), (3, " x3")):
             for load_name in _loads(procs, threads):
-                base_lat = rows[f"create_run ({replicas})", load_name, mode]
+                base_lat = measured[f"create_run ({replicas})", load_name, mode].latencies
                 for name in (f"kfp-floor{suffix}", f"handler{suffix}"):
-                    lat = rows[name, load_name, mode]
+                    lat = measured[name, load_name, mode].latencies
                     p50 = _pct(lat, 0.5) - _pct(base_lat, 0.5)
                     p99 = _pct(lat, 0.99) - _pct(base_lat, 0.99)
                     print(
