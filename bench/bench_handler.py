@@ -155,13 +155,12 @@ def create_floor_app(reply: bool = False) -> Any:
     then an empty 200; with ``reply``, the 200 carries the job.scheduled event instead."""
     import threading
 
-    import flask
     from cloudevents.core.bindings.http import HTTPMessage
     from flask import request
 
     from handler import contract, ingress
     from handler.admission import Admission
-    from handler.reply import event_reply
+    from handler.reply import event_reply, flask_response
     from handler.settings import HandlerSettings
     from handler.store import new_job
 
@@ -201,8 +200,7 @@ def create_floor_app(reply: bool = False) -> Any:
         scheduled = contract.make_event(
             contract.JOB_SCHEDULED, settings.source, job.to_status(), time=now
         )
-        answer = event_reply(scheduled)
-        return flask.Response(answer.body, status=answer.status, headers=answer.headers)
+        return flask_response(event_reply(scheduled))
 
     return _app("floor-reply" if reply else "floor", receive)
 

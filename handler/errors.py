@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final
 from handler import logs
 from handler.backends.base import BackendRejected, BackendUnavailable
 from handler.contract import ContractError
-from handler.reply import Reply, json_reply
+from handler.reply import Reply, flask_response, json_reply
 from handler.store import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -125,8 +125,7 @@ def init_app(app: Flask) -> None:
 
     def other_error(exc: Exception) -> Response:
         settings = app.config.get("KFP_TRAINER_SETTINGS")
-        reply = error_reply(exc, retry_after_s=getattr(settings, "retry_after_s", 5))
-        return Response(reply.body, status=reply.status, headers=reply.headers)
+        return flask_response(error_reply(exc, retry_after_s=getattr(settings, "retry_after_s", 5)))
 
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, other_error)

@@ -18,14 +18,10 @@ from handler import EXTENSION, identity
 from handler.errors import PayloadTooLarge, error_reply
 from handler.ingress import STRUCTURED, check_size, media_type
 from handler.metrics import EVENTS_RECEIVED, event_label
-from handler.reply import Reply
+from handler.reply import flask_response
 from handler.services import Service
 
 bp = Blueprint("events", __name__)
-
-
-def _response(reply: Reply) -> Response:
-    return Response(reply.body, status=reply.status, headers=reply.headers)
 
 
 @bp.post("/")
@@ -38,7 +34,7 @@ def receive() -> Response:
         body = request.stream.read(limit + 1)  # one byte over is enough to know
         check_size(len(body), limit)
     except PayloadTooLarge as exc:
-        return _counted(None, _response(error_reply(exc)))
+        return _counted(None, flask_response(error_reply(exc)))
     message = HTTPMessage(headers=dict(request.headers.items()), body=body)
     event_type = _inbound_type(message)
     refused = identity.authorize_event(message)  # None: identity checks off, or admitted
@@ -46,7 +42,7 @@ def receive() -> Response:
         return _counted(event_type, refused)
     caller = identity.current_caller()
     reply = service.handle(message, caller.username if caller else "")
-    return _counted(event_type, _response(reply))
+    return _counted(event_type, flask_response(reply))
 
 
 def _inbound_type(message: HTTPMessage) -> str | None:

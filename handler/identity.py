@@ -30,6 +30,7 @@ from flask import Flask, Response, current_app, g, request
 from handler import contract, logs
 from handler.errors import Forbidden, Unauthenticated, Unavailable, error_reply
 from handler.ingress import STRUCTURED, media_type
+from handler.reply import flask_response
 from handler.settings import AuthSettings
 
 log = logs.get("handler.identity")
@@ -262,8 +263,7 @@ class Identity:
 
 
 def _reply(exc: Exception, retry_after_s: int) -> Response:
-    reply = error_reply(exc, retry_after_s=retry_after_s)
-    return Response(reply.body, status=reply.status, headers=reply.headers)
+    return flask_response(error_reply(exc, retry_after_s=retry_after_s))
 
 
 def init_app(app: Flask, settings: AuthSettings, retry_after_s: int) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloudevents.core.base import BaseCloudEvent
 
 from handler.contract import to_http
+
+if TYPE_CHECKING:
+    from flask import Response
 
 
 @dataclass(frozen=True)
@@ -34,3 +37,11 @@ def event_reply(event: BaseCloudEvent, status: int = 200) -> Reply:
     """A binary-mode CloudEvent reply: what a Knative broker routes on."""
     message = to_http(event)
     return Reply(status, dict(message.headers), message.body, event)
+
+
+def flask_response(reply: Reply) -> Response:
+    """The reply as Flask sends it: the one place a Reply meets the framework (imported here,
+    when called, so the service side stays free of it)."""
+    from flask import Response
+
+    return Response(reply.body, status=reply.status, headers=reply.headers)
