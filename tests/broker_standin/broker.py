@@ -104,6 +104,7 @@ class BrokerStandin:
         self.ingested: list[dict[str, Any]] = []  # every event that entered, as structured dicts
         self.attempts: list[Record] = []
         self.dead_letters: list[dict[str, Any]] = []  # event dicts + the error extensions
+        self.faults: list[str] = []  # deliveries the stand-in itself failed on (a bug here)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _ingress(self))
         self.server.daemon_threads = True
         self._threads = [
@@ -198,8 +199,10 @@ class BrokerStandin:
     def _attempt(self, delivery: _Delivery) -> None:
         try:
             self._attempt_once(delivery)
-        except Exception:
+        except Exception as exc:
             log.exception("broker stand-in delivery failed")
+            with self._lock:
+                self.faults.append(f"{delivery.headers.get('ce-id', '')}: {exc!r}")
         finally:
             with self._cond:
                 self._pending -= 1

@@ -28,9 +28,11 @@ from typing import Any
 @dataclass(frozen=True)
 class Simulation:
     """How simulated runs behave; ``train_s=None``: runs are accepted and never start (they
-    stay PENDING: benchmarks of run creation alone)."""
+    stay PENDING: benchmarks of run creation alone). ``hold(job_uuid)``: while it is true, that
+    job's training goes on past ``train_s`` (a test decides when such runs end)."""
 
     train_s: float | None = 1.0
+    hold: Callable[[str], bool] | None = None
 
 
 def _client(env: dict[str, str]) -> Any:
@@ -82,7 +84,8 @@ def train(
             return error
         rows = sum(1 for line in storage.get_bytes(dataset, client).splitlines() if line.strip())
         deadline = time.monotonic() + simulation.train_s
-        while time.monotonic() < deadline:
+        held = simulation.hold or (lambda _job: False)
+        while time.monotonic() < deadline or held(job_uuid):
             if cancelled():
                 return "cancelled"
             time.sleep(0.05)
