@@ -122,7 +122,8 @@ class BrokerStandin:
         self.close()
 
     def close(self) -> None:
-        self.server.shutdown()
+        if self._threads[0].is_alive():  # shutdown() waits forever on a loop that never ran
+            self.server.shutdown()
         self.server.server_close()
         with self._cond:
             self._closed = True
