@@ -59,12 +59,12 @@ class Delivery:
 
     def delay_s(self, retry: int) -> float:
         """The wait before retry number ``retry`` (1-based): ``backoffDelay * 2^(retry-1)``
-        (exponential) or ``backoffDelay * retry`` (linear). Knative's documentation writes
-        ``backoffDelay*2^<numberOfRetries>``; counting from 0 is the shorter of the two readings,
-        so what rides out an outage here rides it out on a cluster too."""
+        (exponential) or ``backoffDelay * (retry-1)`` (linear), as Knative's dispatcher waits:
+        it computes ``backoffDelay * 2^attemptNum`` (or ``* attemptNum``) and go-retryablehttp
+        counts attemptNum from 0."""
         if self.exponential:
             return self.backoff_delay_s * 2 ** (retry - 1)
-        return self.backoff_delay_s * retry
+        return self.backoff_delay_s * (retry - 1)
 
     def window_s(self) -> float:
         """How long after the first failed attempt the last retry goes out."""

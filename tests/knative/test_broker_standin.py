@@ -90,6 +90,19 @@ def test_triggers_come_from_the_manifests():
         assert trigger.delivery.dead_letter == "kfp-trainer-dead-letters"
 
 
+def test_the_handler_triggers_ride_out_the_sized_kfp_outage():
+    """docs/deploy.md sizes the handler Triggers' delivery for a 10-minute KFP outage: the last
+    retry goes out 1023 s after the first attempt, and one retry fewer would not reach 600 s."""
+    for trigger in load():
+        if trigger.subscriber != HANDLER:
+            continue
+        delivery = trigger.delivery
+        assert delivery.exponential and delivery.backoff_delay_s == 1.0, trigger.name
+        assert delivery.window_s() == 1023.0, trigger.name
+        last = delivery.delay_s(delivery.retry)
+        assert delivery.window_s() - last < 600.0, "ten is the fewest retries that ride it out"
+
+
 def test_events_reach_only_the_triggers_whose_type_matches(sinks):
     display, dead = sinks
     with Subscriber(always(202)) as handler, broker_for(handler.url, display, dead) as broker:
