@@ -46,6 +46,7 @@ BAD_EVERY = 10  # every tenth job names a dataset nobody uploaded: its run fails
 TIME_SCALE = 1 / 60
 KFP_DOWN_S = 10.0
 HELD_FROM = "sc-090"  # these jobs' runs end only once every handler is down
+RUNS_WAIT_S = 120  # for a KFP run of every job, after the last request
 
 
 class Fleet:
@@ -93,7 +94,9 @@ class Fleet:
 def _no_run_report(missing: list[str], broker: BrokerStandin) -> str:
     """What the Broker did with each job.requested that has no run: the failure names it all."""
     start = min((a.at for a in broker.attempts), default=0.0)
-    lines = [f"no KFP run after 120 s for {len(missing)} job(s) (attempt times from the first)"]
+    lines = [
+        f"no KFP run after {RUNS_WAIT_S} s for {len(missing)} job(s) (attempt times from the first)"
+    ]
     for job in missing:
         tried = [
             f"{a.at - start:.1f}s {a.url or '-'} copy{a.copy}: {a.status}"
@@ -185,7 +188,9 @@ def test_three_stateless_handlers_ride_out_kills_outages_and_scale_to_zero(
             return sorted(set(expected) - {r["display_name"] for r in runs})
 
         try:
-            wait_for(lambda: not jobs_without_a_run(), 120, "a KFP run for every job", every=0.5)
+            wait_for(
+                lambda: not jobs_without_a_run(), RUNS_WAIT_S, "a KFP run for every job", every=0.5
+            )
         except AssertionError:
             raise AssertionError(_no_run_report(jobs_without_a_run(), broker)) from None
         # Scale to zero while runs finish: their notices wait at the Broker, retried.
