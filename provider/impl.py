@@ -11,7 +11,7 @@ provider's :class:`~provider.state.JobStore`, which the handler's events keep cu
 import asyncio
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from llama_stack.apis.datasetio import DatasetIO
 from llama_stack.apis.datasets import Datasets
@@ -26,8 +26,10 @@ from llama_stack.apis.post_training import (
 )
 from llama_stack.apis.post_training.post_training import AlgorithmConfig
 from llama_stack.providers.datatypes import HealthResponse, HealthStatus
+from pydantic import Field, PlainSerializer
 
 from handler import ingress
+from handler.contract import timestamp
 from pipelines import tracing
 from provider import logs
 from provider.background import BackgroundJobs
@@ -48,11 +50,35 @@ class JobNotFound(ValueError):
     """No job with this uuid was ever submitted here (llama-stack answers 400 for ValueError)."""
 
 
+# A time as the contract writes it (handler.contract.timestamp: always milliseconds). Left to
+# pydantic, a datetime on a whole second loses its fraction ("...:15Z"): one format in a thousand
+# answers would be another.
+ContractTime = Annotated[datetime, PlainSerializer(timestamp, when_used="json")]
+
+
+class KfpCheckpoint(Checkpoint):
+    """llama-stack's ``Checkpoint``, its ``created_at`` in the contract's time format."""
+
+    created_at: ContractTime
+
+
+class KfpJobArtifactsResponse(PostTrainingJobArtifactsResponse):
+    """llama-stack's artifacts, their checkpoints' times in the contract's format."""
+
+    checkpoints: list[KfpCheckpoint] = Field(default_factory=list)
+
+
 class KfpJobStatusResponse(PostTrainingJobStatusResponse):
     """llama-stack's status plus what a waiting client wants: progress and the failure reason.
 
-    The extra fields ride along in the JSON; the client SDK keeps unknown fields.
+    The extra fields ride along in the JSON; the client SDK keeps unknown fields. Its times are
+    written in the contract's format.
     """
+
+    scheduled_at: ContractTime | None = None
+    started_at: ContractTime | None = None
+    completed_at: ContractTime | None = None
+    checkpoints: list[KfpCheckpoint] = Field(default_factory=list)
 
     progress: dict[str, Any] | None = None
     error: str | None = None
@@ -110,7 +136,7 @@ def job_progress(record: dict[str, Any]) -> dict[str, Any]:
     return progress
 
 
-def to_checkpoint(value: dict[str, Any]) -> Checkpoint:
+def to_checkpoint(value: dict[str, Any]) -> KfpCheckpoint:
     """A pipeline checkpoint dict as llama-stack's ``Checkpoint``.
 
     llama-stack's metric type needs every number; without a validation dataset the pipeline
@@ -120,7 +146,7 @@ def to_checkpoint(value: dict[str, Any]) -> Checkpoint:
     needed = ("epoch", "train_loss", "validation_loss", "perplexity")
     if metrics and any(metrics.get(k) is None for k in needed):
         metrics = None
-    return Checkpoint(
+    return KfpCheckpoint(
         identifier=value["identifier"],
         created_at=value["created_at"],
         epoch=value["epoch"],
@@ -410,9 +436,9 @@ class KfpTrainerPostTraining:
             datasets=record.get("datasets"),
         )
 
-    async def get_training_job_artifacts(self, job_uuid: str) -> PostTrainingJobArtifactsResponse:
+    async def get_training_job_artifacts(self, job_uuid: str) -> KfpJobArtifactsResponse:
         record = await self._record(job_uuid)
-        return PostTrainingJobArtifactsResponse(
+        return KfpJobArtifactsResponse(
             job_uuid=job_uuid,
             checkpoints=[to_checkpoint(c) for c in record.get("checkpoints") or []],
         )

@@ -225,6 +225,43 @@ def test_one_timestamp_format_and_no_empty_resources(big, stack) -> None:
         assert ISO.match(checkpoint["created_at"]), checkpoint["created_at"]
 
 
+def test_a_time_on_a_whole_second_keeps_its_milliseconds() -> None:
+    """The check above, for the one instant in a thousand it would meet only by chance: pydantic
+    writes a datetime on a whole second without a fraction. Encoded as llama-stack's routes do."""
+    from fastapi.encoders import jsonable_encoder
+    from llama_stack.apis.common.job_types import JobStatus
+
+    from provider.impl import KfpJobArtifactsResponse, KfpJobStatusResponse, to_checkpoint
+
+    whole = "2026-12-04T21:22:15Z"
+    checkpoint = to_checkpoint(
+        {
+            "identifier": "c",
+            "created_at": whole,
+            "epoch": 0,
+            "post_training_job_id": "j",
+            "path": "/c",
+        }
+    )
+    status = KfpJobStatusResponse(
+        job_uuid="j",
+        status=JobStatus.completed,
+        scheduled_at=whole,
+        started_at="2026-12-04T21:22:15.000Z",
+        completed_at="2026-12-04T21:22:16.123456Z",
+        checkpoints=[checkpoint],
+    )
+    raw = jsonable_encoder(status)
+    assert [raw[k] for k in ("scheduled_at", "started_at", "completed_at")] == [
+        "2026-12-04T21:22:15.000Z",
+        "2026-12-04T21:22:15.000Z",
+        "2026-12-04T21:22:16.123Z",
+    ]
+    assert raw["checkpoints"][0]["created_at"] == "2026-12-04T21:22:15.000Z"
+    artifacts = jsonable_encoder(KfpJobArtifactsResponse(job_uuid="j", checkpoints=[checkpoint]))
+    assert artifacts["checkpoints"] == raw["checkpoints"]
+
+
 # -- a bad row deep in the data ----------------------------------------------------------------
 
 
